@@ -1,0 +1,63 @@
+# bt -- make | make test | make train | make reference | make debug | make bench (later)
+# Options: NO_OMP=1 (no OpenMP), USE_CUDA=1 (kernels.cu through nvcc; see the CUDA issue)
+CXX      ?= g++
+CXXFLAGS ?= -O3
+CXXFLAGS += -std=c++17 -Wall -Wextra
+PYTHON   ?= /usr/bin/python3
+
+# -march=native when the compiler accepts it
+ifeq ($(shell $(CXX) -march=native -x c++ -E /dev/null >/dev/null 2>&1 && echo ok),ok)
+  CXXFLAGS += -march=native
+  $(info ✓ -march=native)
+else
+  $(info ✗ -march=native (not accepted by $(CXX)))
+endif
+# OpenMP unless NO_OMP=1
+ifeq ($(NO_OMP),1)
+  $(info ✗ OpenMP (NO_OMP=1))
+else ifeq ($(shell echo 'int main(){}' | $(CXX) -fopenmp -x c++ - -o /dev/null >/dev/null 2>&1 && echo ok),ok)
+  CXXFLAGS += -fopenmp
+  $(info ✓ OpenMP)
+else
+  $(info ✗ OpenMP (compiler has no -fopenmp))
+endif
+
+.PHONY: all test train reference debug clean deps
+all: bt
+
+bt: bt.cpp tensor.hpp
+	$(CXX) $(CXXFLAGS) -o $@ bt.cpp
+
+# doctest comes from Debian's doctest-dev; installed here when missing and we are root
+deps:
+	@if [ ! -f /usr/include/doctest/doctest.h ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing doctest-dev with apt"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq doctest-dev >/dev/null; \
+	  else \
+	    echo "doctest is missing: run  sudo apt-get install doctest-dev  (or make test as root)"; exit 1; \
+	  fi; \
+	fi
+
+tests/test_bt: tests/test_bt.cpp bt.cpp tensor.hpp | deps
+	$(CXX) $(CXXFLAGS) -o $@ tests/test_bt.cpp
+
+test: deps tests/test_bt
+	./tests/test_bt
+
+# the main job: train the default model on chain, then evaluate in distribution and OOD
+train: bt
+	./bt train --task chain --out chain.safetensors
+	./bt eval --ckpt chain.safetensors --task chain
+
+# regenerate the PyTorch reference tensors (needs python3-torch: apt-get install python3-torch)
+reference:
+	$(PYTHON) tests/reference.py --out weights
+
+debug: CXXFLAGS := -std=c++17 -Wall -Wextra -O0 -g -fsanitize=address,undefined -fno-omit-frame-pointer
+debug: bt.cpp tensor.hpp
+	$(CXX) $(CXXFLAGS) -o bt_debug bt.cpp
+	@echo "built bt_debug (-O0 -g, ASan+UBSan): gdb --args ./bt_debug train --steps 2 --batch 2"
+
+clean:
+	rm -f bt bt_debug tests/test_bt

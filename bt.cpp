@@ -1,0 +1,1906 @@
+// bt.cpp -- the Bottlenecked Transformer (arXiv 2505.16950) in one file of plain C++.
+//
+// A small Llama-style decoder (the backbone) plus a Cache Processor: one small non-causal
+// transformer block per backbone layer that rewrites the KV cache in place, through a gated
+// residual, at the end of every reasoning line ("the bottleneck step", search for it below).
+// Training walks the line segments forward, then back through time with an undo log.
+//
+// Build and run:   make && ./bt train --task chain --out chain.safetensors
+//                  ./bt eval --ckpt chain.safetensors --task chain
+// Tests:           make test        (tests/test_bt.cpp includes this file with BT_TESTING)
+// Design of record: DESIGN.md in the shared folder; the exact model spec: tests/MODEL_SPEC.md.
+//
+// Sections: errors and small utilities -> vocabulary -> config -> parameters -> one transformer
+// block -> backbone and run state -> THE CACHE PROCESSOR -> training through time -> optimizer ->
+// tasks and data -> decoding and evaluation -> checkpoints (safetensors) -> command line.
+#include <algorithm>
+#include <chrono>
+#include <cstdarg>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <map>
+#include <set>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "tensor.hpp"
+
+// =============================================================================================
+// Errors and small utilities
+// =============================================================================================
+
+// Every user-facing failure is a BtError: main() prints its one-line message and exits with its
+// code (2: bad input or usage, 1: internal failure). Tests catch it.
+struct BtError : std::runtime_error {
+    int code;
+    BtError(int c, const std::string& m) : std::runtime_error(m), code(c) {}
+};
+
+static std::string strf(const char* fmt, ...) {
+    char buf[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    return buf;
+}
+#define BAD_INPUT(...) throw BtError(2, strf(__VA_ARGS__))
+#define INTERNAL(...) throw BtError(1, strf(__VA_ARGS__))
+
+static void zero(float* p, long n) { memset(p, 0, sizeof(float) * n); }
+
+static double now_seconds() {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// splitmix64: a small, well-mixed, seedable generator. Every random draw in bt comes from one.
+struct Rng {
+    uint64_t s;
+    explicit Rng(uint64_t seed) : s(seed) {}
+    uint64_t next() {
+        uint64_t z = (s += 0x9E3779B97F4A7C15ull);
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        return z ^ (z >> 31);
+    }
+    int randint(int lo, int hi) { return lo + (int)(next() % (uint64_t)(hi - lo + 1)); }  // [lo, hi]
+    float uniform() { return (next() >> 40) * (1.0f / 16777216.0f); }                   // [0, 1)
+    float normal() {  // Box-Muller
+        float u1 = uniform(), u2 = uniform();
+        if (u1 < 1e-7f) u1 = 1e-7f;
+        return sqrtf(-2.0f * logf(u1)) * cosf(6.2831853f * u2);
+    }
+};
+
+// A buffer carved into named pieces: call the setup once with base == nullptr to count, then
+// again with the allocated base to hand out pointers. Used for params, activations, scratch.
+struct Carver {
+    float* base;
+    long off = 0;
+    float* take(long n) { float* p = base ? base + off : nullptr; off += n; return p; }
+};
+
+// =============================================================================================
+// Vocabulary: one token per character, plus PAD and BOS (tests/MODEL_SPEC.md)
+// =============================================================================================
+enum { PAD = 0, BOS = 1, PAUSE = 2, NEWLINE = 3 };
+static const char* VOCAB_CHARS = "\0\1_\n0123456789+-*=#$,;abcdefghijklmnopqrstuvwxyz";
+static const int VOCAB_SIZE = 48;
+
+static int char_to_token(char ch) {
+    if (ch == '\0' || ch == '\1') return -1;
+    for (int i = 2; i < VOCAB_SIZE; i++)
+        if (VOCAB_CHARS[i] == ch) return i;
+    return -1;
+}
+static char token_to_char(int t) { return (t >= 2 && t < VOCAB_SIZE) ? VOCAB_CHARS[t] : '?'; }
+
+// a token as printable text: "\n" for a newline, "<pad>" and "<bos>" for the specials
+static std::string token_str(int t) {
+    if (t == PAD) return "<pad>";
+    if (t == BOS) return "<bos>";
+    if (t == NEWLINE) return "\\n";
+    return std::string(1, token_to_char(t));
+}
+
+// BOS + the characters of text. `where` names the source for the error message.
+static std::vector<int> tokenize(const std::string& text, const std::string& where) {
+    std::vector<int> out = {BOS};
+    int line = 1, col = 1;
+    for (char ch : text) {
+        int t = char_to_token(ch);
+        if (t < 0)
+            BAD_INPUT("%s: line %d, column %d: character '%s' (byte 0x%02x) is not in the vocabulary "
+                      "(digits, a-z, and + - * = # $ , ; _ and newline)",
+                      where.c_str(), line, col, std::string(1, ch).c_str(), (unsigned char)ch);
+        out.push_back(t);
+        if (ch == '\n') { line++; col = 1; } else col++;
+    }
+    return out;
+}
+
+// =============================================================================================
+// Config: model sizes. The processor is present iff dp > 0.
+// =============================================================================================
+struct Config {
+    int V = VOCAB_SIZE;   // vocabulary size
+    int C = 128;          // d_model
+    int L = 4;            // backbone layers
+    int NH = 4;           // heads (head size C/NH)
+    int F = 384;          // SwiGLU hidden width
+    int T = 256;          // max sequence length (sizes buffers; RoPE needs no table)
+    float theta = 10000.0f, eps = 1e-5f;
+    // Cache Processor (DESIGN §4)
+    int dp = 0;           // processor width; 0 = no processor
+    int np = 1;           // processor blocks per backbone layer
+    int nhp = 4;          // processor heads
+    int fp = 0;           // processor SwiGLU hidden width
+    int k = 4;            // top-k reconsolidated older entries per layer (newline schedule)
+    int periodic = 0;     // 0: newline schedule; N > 0: periodic:N (whole cache every N tokens)
+};
+
+static void validate_config(const Config& c) {
+    if (c.C <= 0 || c.L <= 0 || c.NH <= 0 || c.F <= 0 || c.T < 2)
+        BAD_INPUT("model sizes must be positive (d_model %d, layers %d, heads %d, ffn %d, max_seq_len %d)", c.C, c.L,
+                  c.NH, c.F, c.T);
+    if (c.C % c.NH != 0 || (c.C / c.NH) % 2 != 0)
+        BAD_INPUT("heads (%d) must divide d_model (%d) into an even head size (RoPE rotates pairs)", c.NH, c.C);
+    if (c.V != VOCAB_SIZE) BAD_INPUT("vocab_size is %d, bt's vocabulary has %d tokens", c.V, VOCAB_SIZE);
+    if (c.dp > 0) {
+        if (c.np <= 0 || c.nhp <= 0 || c.fp <= 0 || c.k < 0 || c.periodic < 0)
+            BAD_INPUT("processor sizes must be positive (width %d, layers %d, heads %d, ffn %d, k %d)", c.dp, c.np,
+                      c.nhp, c.fp, c.k);
+        if (c.dp % c.nhp != 0 || (c.dp / c.nhp) % 2 != 0)
+            BAD_INPUT("processor heads (%d) must divide the processor width (%d) into an even head size", c.nhp, c.dp);
+    }
+}
+
+// =============================================================================================
+// Parameters: one table lists every tensor once; sizes, pointers, init, checkpoint names and
+// test labels all come from it.
+// =============================================================================================
+struct BlockW {                  // one pre-norm transformer block (backbone or processor), width C
+    float* attn_norm;            // (C)
+    float *wq, *wk, *wv, *wo;    // (C,C) each
+    float* mlp_norm;             // (C)
+    float *w1, *w3;              // (F,C)
+    float* w2;                   // (C,F)
+};
+struct ProcW {                   // the Cache Processor of one backbone layer
+    float* w_in;                 // (dp, 2C)   KV-token projection
+    std::vector<BlockW> blocks;  // np blocks of width dp
+    float* final_norm;           // (dp)
+    float* w_out;                // (2C, dp)   back to [dK | dV]; starts at zero
+    float* gate;                 // (1)        g; the write-back is scaled by sigmoid(g)
+};
+struct Weights {
+    float* tok_emb;              // (V,C), also the LM head (tied)
+    std::vector<BlockW> layers;  // L
+    float* final_norm;           // (C)
+    std::vector<ProcW> proc;     // L when the processor is present, else empty
+};
+struct ParamInfo {
+    std::string name;
+    std::vector<int> shape;
+    long offset, numel;
+    bool decay;   // AdamW weight decay (matrices only)
+    bool proc;    // part of the Cache Processor
+    int kind;     // 0 normal init, 1 ones (norm gains), 2 zeros (w_out), 3 gate (-2), 4 residual proj
+};
+
+// Walk every tensor in canonical order: bind w's pointers into base (may be nullptr while
+// counting) and, when table != nullptr, describe each tensor. Returns the total size.
+static long layout_params(const Config& c, Weights* w, float* base, std::vector<ParamInfo>* table) {
+    Carver cv{base};
+    auto add = [&](float** slot, const std::string& name, std::vector<int> shape, int kind, bool proc) {
+        long n = 1;
+        for (int d : shape) n *= d;
+        long off = cv.off;
+        *slot = cv.take(n);
+        if (table) table->push_back({name, shape, off, n, shape.size() == 2, proc, kind});
+    };
+    auto add_block = [&](BlockW& b, const std::string& p, int C, int F, bool proc) {
+        add(&b.attn_norm, p + "attn_norm", {C}, 1, proc);
+        add(&b.wq, p + "wq", {C, C}, 0, proc);
+        add(&b.wk, p + "wk", {C, C}, 0, proc);
+        add(&b.wv, p + "wv", {C, C}, 0, proc);
+        add(&b.wo, p + "wo", {C, C}, 4, proc);
+        add(&b.mlp_norm, p + "mlp_norm", {C}, 1, proc);
+        add(&b.w1, p + "w1", {F, C}, 0, proc);
+        add(&b.w2, p + "w2", {C, F}, 4, proc);
+        add(&b.w3, p + "w3", {F, C}, 0, proc);
+    };
+    w->layers.resize(c.L);
+    add(&w->tok_emb, "tok_emb", {c.V, c.C}, 0, false);
+    for (int l = 0; l < c.L; l++) add_block(w->layers[l], "layers." + std::to_string(l) + ".", c.C, c.F, false);
+    add(&w->final_norm, "final_norm", {c.C}, 1, false);
+    w->proc.resize(c.dp > 0 ? c.L : 0);
+    for (int l = 0; l < (int)w->proc.size(); l++) {
+        ProcW& p = w->proc[l];
+        std::string pre = "proc." + std::to_string(l) + ".";
+        add(&p.w_in, pre + "w_in", {c.dp, 2 * c.C}, 0, true);
+        p.blocks.resize(c.np);
+        for (int i = 0; i < c.np; i++) add_block(p.blocks[i], pre + "blocks." + std::to_string(i) + ".", c.dp, c.fp, true);
+        add(&p.final_norm, pre + "final_norm", {c.dp}, 1, true);
+        add(&p.w_out, pre + "w_out", {2 * c.C, c.dp}, 2, true);
+        add(&p.gate, pre + "gate", {1}, 3, true);
+    }
+    return cv.off;
+}
+
+struct Model {
+    Config cfg;
+    std::vector<ParamInfo> table;
+    long n_params = 0, n_backbone = 0;   // processor tensors come after the backbone's
+    std::vector<float> params, grads, m, v;  // (n_params) each: weights, gradients, AdamW moments
+    Weights w, g;                            // named pointers into params and grads
+    int adam_t = 0;                          // AdamW steps taken
+};
+
+static void model_build(Model& M, const Config& c) {
+    validate_config(c);
+    M.cfg = c;
+    M.table.clear();
+    M.n_params = layout_params(c, &M.w, nullptr, &M.table);
+    M.params.assign(M.n_params, 0.0f);
+    M.grads.assign(M.n_params, 0.0f);
+    M.m.assign(M.n_params, 0.0f);
+    M.v.assign(M.n_params, 0.0f);
+    layout_params(c, &M.w, M.params.data(), nullptr);
+    layout_params(c, &M.g, M.grads.data(), nullptr);
+    M.n_backbone = M.n_params;
+    for (auto& p : M.table)
+        if (p.proc) { M.n_backbone = p.offset; break; }
+    M.adam_t = 0;
+}
+
+// GPT-2 style init: N(0, 0.02), residual projections scaled by 1/sqrt(2L), norm gains 1, the
+// processor's w_out 0 (an untrained processor is an exact no-op) and its gate -2.
+static void init_params(Model& M, float* start, float* end, uint64_t seed) {
+    Rng rng(seed);
+    for (auto& p : M.table) {
+        float* x = M.params.data() + p.offset;
+        if (x < start || x >= end) continue;
+        for (long i = 0; i < p.numel; i++) {
+            float r = rng.normal();
+            switch (p.kind) {
+                case 0: x[i] = 0.02f * r; break;
+                case 1: x[i] = 1.0f; break;
+                case 2: x[i] = 0.0f; break;
+                case 3: x[i] = -2.0f; break;
+                default: x[i] = 0.02f * r / sqrtf(2.0f * M.cfg.L); break;
+            }
+        }
+    }
+}
+static void model_init_random(Model& M, uint64_t seed) {
+    init_params(M, M.params.data(), M.params.data() + M.n_params, seed);
+}
+
+// =============================================================================================
+// One pre-norm transformer block, shared by the backbone (causal, over the KV cache) and the
+// Cache Processor (non-causal, over the rewritten set):
+//   x2 = x + Attn(RMSNorm(x)) Wo^T ;  out = x2 + W2( silu(W1 h) * W3 h ),  h = RMSNorm(x2)
+// All buffers are time-major (T,B,·): row t*B+b. A call computes rows [s,e); its attention reads
+// keys (and writes k,v) in rows [0,e). For the backbone, the k and v buffers ARE the KV cache.
+// =============================================================================================
+struct BlockDims { int C, NH, HS, F; };
+
+struct BlockActs {          // saved activations of one block, capacity (T,B)
+    float* ln1;             // (T,B,C)    RMSNorm(x)
+    float* rstd1;           // (T,B)
+    float* q;               // (T,B,C)    queries after RoPE
+    float *k, *v;           // (T,B,C)    keys after RoPE and values: the KV cache
+    float* att;             // (T,B,NH,T) attention probabilities (row stride T)
+    float* y;               // (T,B,C)    attention output, heads concatenated
+    float* x2;              // (T,B,C)    x + y Wo^T
+    float* ln2;             // (T,B,C)    RMSNorm(x2)
+    float* rstd2;           // (T,B)
+    float *h1, *h3;         // (T,B,F)    W1 h, W3 h
+    float* g;               // (T,B,F)    silu(h1) * h3
+};
+static void carve_block_acts(Carver& cv, BlockActs& a, const BlockDims& d, int T, int B) {
+    long TB = (long)T * B;
+    a.ln1 = cv.take(TB * d.C); a.rstd1 = cv.take(TB); a.q = cv.take(TB * d.C);
+    a.k = cv.take(TB * d.C); a.v = cv.take(TB * d.C); a.att = cv.take(TB * d.NH * T);
+    a.y = cv.take(TB * d.C); a.x2 = cv.take(TB * d.C); a.ln2 = cv.take(TB * d.C); a.rstd2 = cv.take(TB);
+    a.h1 = cv.take(TB * d.F); a.h3 = cv.take(TB * d.F); a.g = cv.take(TB * d.F);
+}
+
+struct BlockScratch {       // gradient scratch for one block's backward, capacity (T,B)
+    float *dx2, *dln, *dy, *dq, *dqr, *dkr;  // (T,B,C)
+    float *dh1, *dh3, *dg;                    // (T,B,F)
+};
+static void carve_block_scratch(Carver& cv, BlockScratch& s, int C, int F, long TB) {
+    s.dx2 = cv.take(TB * C); s.dln = cv.take(TB * C); s.dy = cv.take(TB * C);
+    s.dq = cv.take(TB * C); s.dqr = cv.take(TB * C); s.dkr = cv.take(TB * C);
+    s.dh1 = cv.take(TB * F); s.dh3 = cv.take(TB * F); s.dg = cv.take(TB * F);
+}
+
+// out (T,B,C) rows [s,e) = block(x rows [s,e)); pos (T*B) is the RoPE position of every row;
+// T is the row stride of a.att.
+static void block_forward(float* out, BlockActs& a, const float* x, const BlockW& w, const BlockDims& d,
+                          const int* pos, int s, int e, int B, int T, int causal, float theta, float eps) {
+    int C = d.C, N = (e - s) * B;
+    long r0 = (long)s * B;
+    // attention half: ln1 = RMSNorm(x); q,k,v = ln1 Wq^T, Wk^T, Wv^T; RoPE on q and k
+    rmsnorm_forward(a.ln1 + r0 * C, a.rstd1 + r0, x + r0 * C, w.attn_norm, N, C, eps);
+    matmul_forward(a.q + r0 * C, a.ln1 + r0 * C, w.wq, N, C, C);
+    matmul_forward(a.k + r0 * C, a.ln1 + r0 * C, w.wk, N, C, C);
+    matmul_forward(a.v + r0 * C, a.ln1 + r0 * C, w.wv, N, C, C);
+    rope_forward(a.q + r0 * C, a.q + r0 * C, pos + r0, N, d.NH, d.HS, theta);
+    rope_forward(a.k + r0 * C, a.k + r0 * C, pos + r0, N, d.NH, d.HS, theta);
+    attention_forward(a.y + r0 * C, a.att + r0 * d.NH * T, a.q + r0 * C, a.k, a.v, e - s, e, T, s, causal, B, d.NH,
+                      d.HS);
+    // x2 = x + y Wo^T
+    matmul_forward(a.x2 + r0 * C, a.y + r0 * C, w.wo, N, C, C);
+    residual_forward(a.x2 + r0 * C, a.x2 + r0 * C, x + r0 * C, (long)N * C);
+    // MLP half: out = x2 + (silu(ln2 W1^T) * ln2 W3^T) W2^T
+    rmsnorm_forward(a.ln2 + r0 * C, a.rstd2 + r0, a.x2 + r0 * C, w.mlp_norm, N, C, eps);
+    matmul_forward(a.h1 + r0 * d.F, a.ln2 + r0 * C, w.w1, N, C, d.F);
+    matmul_forward(a.h3 + r0 * d.F, a.ln2 + r0 * C, w.w3, N, C, d.F);
+    swiglu_forward(a.g + r0 * d.F, a.h1 + r0 * d.F, a.h3 + r0 * d.F, (long)N * d.F);
+    matmul_forward(out + r0 * C, a.g + r0 * d.F, w.w2, N, d.F, C);
+    residual_forward(out + r0 * C, out + r0 * C, a.x2 + r0 * C, (long)N * C);
+}
+
+// The backward of block_forward over rows [s,e).
+//   dx (T,B,C): on entry d(out) in rows [s,e); on exit d(x) there.
+//   dk, dv (T,B,C): gradients w.r.t. the cache (keys after RoPE), ACCUMULATED over rows [0,e);
+//     rows [s,e) must already hold everything later readers added (the walk back through time
+//     guarantees it) because this call consumes them for the k and v projections.
+//   gw: weight gradients, or nullptr for a frozen block (activation gradients still flow).
+static void block_backward(float* dx, float* dk, float* dv, BlockW* gw, BlockScratch& sc, const BlockActs& a,
+                           const float* x, const BlockW& w, const BlockDims& d, const int* pos, int s, int e, int B,
+                           int T, int causal, float theta) {
+    int C = d.C, F = d.F, N = (e - s) * B;
+    long r0 = (long)s * B, nC = (long)N * C, nF = (long)N * F;
+    auto G = [&](float* BlockW::*f) { return gw ? gw->*f : nullptr; };
+    // forward did out = x2 + g W2^T and g = silu(h1) * h3, h = ln2 W^T
+    zero(sc.dg + r0 * F, nF);
+    matmul_backward(sc.dg + r0 * F, G(&BlockW::w2), dx + r0 * C, a.g + r0 * F, w.w2, N, F, C);
+    zero(sc.dh1 + r0 * F, nF);
+    zero(sc.dh3 + r0 * F, nF);
+    swiglu_backward(sc.dh1 + r0 * F, sc.dh3 + r0 * F, sc.dg + r0 * F, a.h1 + r0 * F, a.h3 + r0 * F, nF);
+    zero(sc.dln + r0 * C, nC);
+    matmul_backward(sc.dln + r0 * C, G(&BlockW::w1), sc.dh1 + r0 * F, a.ln2 + r0 * C, w.w1, N, C, F);
+    matmul_backward(sc.dln + r0 * C, G(&BlockW::w3), sc.dh3 + r0 * F, a.ln2 + r0 * C, w.w3, N, C, F);
+    // forward did ln2 = RMSNorm(x2) and out = x2 + ..., so dx2 = dout + RMSNorm'(dln)
+    memcpy(sc.dx2 + r0 * C, dx + r0 * C, sizeof(float) * nC);
+    rmsnorm_backward(sc.dx2 + r0 * C, G(&BlockW::mlp_norm), sc.dln + r0 * C, a.x2 + r0 * C, w.mlp_norm,
+                     a.rstd2 + r0, N, C);
+    // forward did x2 = x + y Wo^T
+    zero(sc.dy + r0 * C, nC);
+    matmul_backward(sc.dy + r0 * C, G(&BlockW::wo), sc.dx2 + r0 * C, a.y + r0 * C, w.wo, N, C, C);
+    // attention: dq for our queries, dk and dv into the cache for every key they read
+    zero(sc.dq + r0 * C, nC);
+    attention_backward(sc.dq + r0 * C, dk, dv, sc.dy + r0 * C, a.att + r0 * d.NH * T, a.q + r0 * C, a.k, a.v, e - s,
+                       e, T, s, causal, B, d.NH, d.HS);
+    // forward rotated q and k in place; undo the rotation on their gradients
+    zero(sc.dqr + r0 * C, nC);
+    rope_backward(sc.dqr + r0 * C, sc.dq + r0 * C, pos + r0, N, d.NH, d.HS, theta);
+    zero(sc.dkr + r0 * C, nC);
+    rope_backward(sc.dkr + r0 * C, dk + r0 * C, pos + r0, N, d.NH, d.HS, theta);
+    // forward did q,k,v = ln1 W^T
+    zero(sc.dln + r0 * C, nC);
+    matmul_backward(sc.dln + r0 * C, G(&BlockW::wq), sc.dqr + r0 * C, a.ln1 + r0 * C, w.wq, N, C, C);
+    matmul_backward(sc.dln + r0 * C, G(&BlockW::wk), sc.dkr + r0 * C, a.ln1 + r0 * C, w.wk, N, C, C);
+    matmul_backward(sc.dln + r0 * C, G(&BlockW::wv), dv + r0 * C, a.ln1 + r0 * C, w.wv, N, C, C);
+    // forward did ln1 = RMSNorm(x) and x2 = x + ..., so dx = dx2 + RMSNorm'(dln)
+    memcpy(dx + r0 * C, sc.dx2 + r0 * C, sizeof(float) * nC);
+    rmsnorm_backward(dx + r0 * C, G(&BlockW::attn_norm), sc.dln + r0 * C, x + r0 * C, w.attn_norm, a.rstd1 + r0, N,
+                     C);
+}
+
+// =============================================================================================
+// Run state: activations, the KV cache and gradient buffers for a batch of B sequences of up to
+// T positions. One buffer, carved once: nothing is allocated inside a step.
+// =============================================================================================
+struct UndoRecord {   // what one firing of one layer's processor overwrote
+    int layer, s, e;  // the boundary came after segment [s,e)
+    int nS;           // entries rewritten per sequence
+    long sel_off;     // into undo_sel: (nS,B) positions, ascending per sequence
+    long u_off;       // into undo_u:   (nS,B,2C) [K|V] of those entries before the rewrite
+};
+
+struct ProcActs {             // one firing of one layer's processor, capacity (S,B), S = T + k
+    int* sel;                 // (S,B) positions rewritten (row n*B+b), ascending per b
+    float* scores;            // (B,T) attention mass per prior position (selection)
+    float* u;                 // (S,B,2C) KV-tokens before W_in: [K | V] gathered from the cache
+    std::vector<float*> xs;   // np+1 of (S,B,dp): residual stream through the processor blocks
+    std::vector<BlockActs> blocks;  // np
+    float *lnf, *rstdf;       // (S,B,dp), (S,B)
+    float* delta;             // (S,B,2C) W_out output: [dK | dV] before the gate
+    // gradients (training only)
+    float *dx, *dlnf, *ddelta, *du;  // (S,B,dp) (S,B,dp) (S,B,2C) (S,B,2C)
+    float *dk, *dv;                   // (S,B,dp) the blocks' own keys and values
+};
+
+struct RunState {
+    int B = 0, T = 0;                  // capacity
+    bool train = false;
+    std::vector<float> mem;
+    std::vector<int> imem;
+    int *tokens, *targets;             // (T,B) input token, and the token it should predict
+    int* pos;                          // (T*B) position t of row t*B+b (RoPE)
+    float* weight;                     // (T,B) loss weight of each prediction: 1/count or 0
+    std::vector<float*> xs;            // L+1 of (T,B,C): residual stream into each layer, out of the last
+    std::vector<BlockActs> acts;       // L
+    float *lnf, *rstdf;                // (T,B,C), (T,B)
+    float *logits, *probs, *losses;    // (T,B,V), (T,B,V), (T,B)
+    // training
+    std::vector<float*> dK, dV;        // L of (T,B,C): gradient w.r.t. each cache entry, summed over
+                                       // every later reader as the backward walk goes back in time
+    float *dx, *dlnf, *dlogits;        // (T,B,C), (T,B,C), (T,B,V)
+    BlockScratch sc;                   // sized for the wider of backbone and processor
+    // Cache Processor
+    ProcActs pa;
+    std::vector<UndoRecord> undo;      // one record per (boundary, layer), in firing order
+    std::vector<int> undo_sel;
+    std::vector<float> undo_u;
+    int n_tok = 0;                     // positions filled so far (decoding)
+};
+
+static void carve_run_state(Carver& cv, RunState& S, const Config& c, int T, int B, bool train) {
+    long TB = (long)T * B;
+    BlockDims d{c.C, c.NH, c.C / c.NH, c.F};
+    S.xs.resize(c.L + 1);
+    S.acts.resize(c.L);
+    for (int l = 0; l <= c.L; l++) S.xs[l] = cv.take(TB * c.C);
+    for (int l = 0; l < c.L; l++) carve_block_acts(cv, S.acts[l], d, T, B);
+    S.lnf = cv.take(TB * c.C); S.rstdf = cv.take(TB);
+    S.logits = cv.take(TB * c.V); S.probs = cv.take(TB * c.V); S.losses = cv.take(TB); S.weight = cv.take(TB);
+    S.dK.assign(c.L, nullptr);
+    S.dV.assign(c.L, nullptr);
+    if (train) {
+        for (int l = 0; l < c.L; l++) { S.dK[l] = cv.take(TB * c.C); S.dV[l] = cv.take(TB * c.C); }
+        S.dx = cv.take(TB * c.C); S.dlnf = cv.take(TB * c.C); S.dlogits = cv.take(TB * c.V);
+        carve_block_scratch(cv, S.sc, std::max(c.C, c.dp), std::max(c.F, c.fp), (T + c.k) * (long)B);
+    }
+    if (c.dp > 0) {
+        int Sn = T + c.k;   // most entries one firing can rewrite (periodic: the whole cache)
+        long SB = (long)Sn * B;
+        BlockDims pd{c.dp, c.nhp, c.dp / c.nhp, c.fp};
+        ProcActs& p = S.pa;
+        p.scores = cv.take((long)B * T);
+        p.u = cv.take(SB * 2 * c.C);
+        p.xs.resize(c.np + 1);
+        p.blocks.resize(c.np);
+        for (int i = 0; i <= c.np; i++) p.xs[i] = cv.take(SB * c.dp);
+        for (int i = 0; i < c.np; i++) carve_block_acts(cv, p.blocks[i], pd, Sn, B);
+        p.lnf = cv.take(SB * c.dp); p.rstdf = cv.take(SB); p.delta = cv.take(SB * 2 * c.C);
+        if (train) {
+            p.dx = cv.take(SB * c.dp); p.dlnf = cv.take(SB * c.dp);
+            p.ddelta = cv.take(SB * 2 * c.C); p.du = cv.take(SB * 2 * c.C);
+            p.dk = cv.take(SB * c.dp); p.dv = cv.take(SB * c.dp);
+        }
+    }
+}
+
+static void run_state_build(RunState& S, const Config& c, int T, int B, bool train) {
+    if (T > c.T) BAD_INPUT("a sequence of %d tokens is longer than the model's context (max_seq_len %d)", T, c.T);
+    S.B = B; S.T = T; S.train = train;
+    Carver count{nullptr};
+    carve_run_state(count, S, c, T, B, train);
+    S.mem.assign(count.off, 0.0f);
+    Carver cv{S.mem.data()};
+    carve_run_state(cv, S, c, T, B, train);
+    int Sn = T + c.k;
+    S.imem.assign((size_t)T * B * 3 + (size_t)Sn * B, 0);
+    S.tokens = S.imem.data();
+    S.targets = S.tokens + (long)T * B;
+    S.pos = S.targets + (long)T * B;
+    S.pa.sel = S.pos + (long)T * B;
+    for (long r = 0; r < (long)T * B; r++) S.pos[r] = (int)(r / B);
+    // the undo log: enough for the whole cache rewritten at every boundary of a periodic schedule
+    // (sum over boundaries of e), or for newline (every position once plus k recalled per boundary)
+    if (c.dp > 0) {
+        long rows = c.periodic > 0 ? (long)T * (T / c.periodic + 1) : (long)T * (1 + c.k);
+        S.undo.reserve(T * c.L);
+        S.undo_sel.reserve(rows * B * c.L);
+        S.undo_u.reserve(rows * B * 2 * c.C * c.L);
+    }
+}
+
+// =============================================================================================
+// The backbone over one segment of positions [s,e) of the batch (rows s*B .. e*B), reading and
+// extending the KV cache. One call with [0,T) is the ordinary full causal pass.
+// =============================================================================================
+static void backbone_forward(const Model& M, RunState& S, int s, int e) {
+    const Config& c = M.cfg;
+    int B = S.B, N = (e - s) * B;
+    long r0 = (long)s * B;
+    BlockDims d{c.C, c.NH, c.C / c.NH, c.F};
+    embedding_forward(S.xs[0] + r0 * c.C, S.tokens + r0, M.w.tok_emb, N, c.C);
+    for (int l = 0; l < c.L; l++)
+        block_forward(S.xs[l + 1], S.acts[l], S.xs[l], M.w.layers[l], d, S.pos, s, e, B, S.T, 1, c.theta, c.eps);
+    rmsnorm_forward(S.lnf + r0 * c.C, S.rstdf + r0, S.xs[c.L] + r0 * c.C, M.w.final_norm, N, c.C, c.eps);
+    // LM head tied to the embedding: logits = lnf tok_emb^T
+    matmul_forward(S.logits + r0 * c.V, S.lnf + r0 * c.C, M.w.tok_emb, N, c.C, c.V);
+    if (S.train)
+        crossentropy_forward(S.losses + r0, S.probs + r0 * c.V, S.logits + r0 * c.V, S.targets + r0, S.weight + r0, N,
+                             c.V);
+}
+
+// The backward of backbone_forward for segment [s,e). Cache gradients dK, dV from later segments
+// must already be in place. train_weights = false: a frozen backbone (activation grads only).
+static void backbone_backward(Model& M, RunState& S, int s, int e, bool train_weights) {
+    const Config& c = M.cfg;
+    int B = S.B, N = (e - s) * B;
+    long r0 = (long)s * B;
+    BlockDims d{c.C, c.NH, c.C / c.NH, c.F};
+    float* gemb = train_weights ? M.g.tok_emb : nullptr;
+    zero(S.dlogits + r0 * c.V, (long)N * c.V);
+    crossentropy_backward(S.dlogits + r0 * c.V, S.probs + r0 * c.V, S.targets + r0, S.weight + r0, 1.0f, N, c.V);
+    zero(S.dlnf + r0 * c.C, (long)N * c.C);
+    matmul_backward(S.dlnf + r0 * c.C, gemb, S.dlogits + r0 * c.V, S.lnf + r0 * c.C, M.w.tok_emb, N, c.C, c.V);
+    zero(S.dx + r0 * c.C, (long)N * c.C);
+    rmsnorm_backward(S.dx + r0 * c.C, train_weights ? M.g.final_norm : nullptr, S.dlnf + r0 * c.C,
+                     S.xs[c.L] + r0 * c.C, M.w.final_norm, S.rstdf + r0, N, c.C);
+    for (int l = c.L - 1; l >= 0; l--)
+        block_backward(S.dx, S.dK[l], S.dV[l], train_weights ? &M.g.layers[l] : nullptr, S.sc, S.acts[l], S.xs[l],
+                       M.w.layers[l], d, S.pos, s, e, B, S.T, 1, c.theta);
+    if (gemb) embedding_backward(gemb, S.dx + r0 * c.C, S.tokens + r0, N, c.C);
+}
+
+// =============================================================================================
+// THE CACHE PROCESSOR -- "the bottleneck step"
+//
+// At the boundary after segment [s,e), for every backbone layer l independently:
+//   1. select:     the top-k older positions p < s by the attention mass segment [s,e) gave them
+//   2. gather:     u = [K_l[p] | V_l[p]] for p in S = topk ∪ [s,e)         (KV-tokens, 2C wide)
+//   3. transform:  delta = W_out FinalNorm( Blocks_noncausal( W_in u ) )   (RoPE at positions p)
+//   4. write back: K_l[p] += sigmoid(g) delta[:C],  V_l[p] += sigmoid(g) delta[C:]   (in place)
+// The pre-rewrite values u go to the undo log, which the backward walk uses to restore the cache.
+// Set a breakpoint on bottleneck_step and watch S.acts[l].k change.
+// =============================================================================================
+
+// 1. select. sel (nS,B) gets, per sequence, the chosen older positions ascending and then s..e-1.
+//    score(p) = mean over heads h and queries t in [s,e) of att[t,b,h,p]; ties go to the smaller p.
+//    periodic schedule: S = [0,e), the whole cache. Returns nS.
+static int select_forward(int* sel, float* scores, const float* att, int s, int e, int B, int NH, int T, int k,
+                          int periodic) {
+    if (periodic) {
+        for (int n = 0; n < e; n++)
+            for (int b = 0; b < B; b++) sel[(long)n * B + b] = n;
+        return e;
+    }
+    int kk = std::min(k, s), nS = kk + (e - s);
+    for (int b = 0; b < B; b++) {
+        float* sc = scores + (long)b * T;
+        for (int p = 0; p < s; p++) {
+            float acc = 0.0f;
+            for (int t = s; t < e; t++)
+                for (int h = 0; h < NH; h++) acc += att[(((long)t * B + b) * NH + h) * T + p];
+            sc[p] = acc / (float)(NH * (e - s));
+        }
+        // top-kk by repeated argmax (k is small); strict > keeps the smaller position on ties
+        std::vector<char> taken(s, 0);
+        int chosen[64];
+        for (int r = 0; r < kk; r++) {
+            int best = -1;
+            for (int p = 0; p < s; p++)
+                if (!taken[p] && (best < 0 || sc[p] > sc[best])) best = p;
+            taken[best] = 1;
+            chosen[r] = best;
+        }
+        std::sort(chosen, chosen + kk);
+        for (int r = 0; r < kk; r++) sel[(long)r * B + b] = chosen[r];
+        for (int t = s; t < e; t++) sel[(long)(kk + t - s) * B + b] = t;
+    }
+    return nS;
+}
+
+// 2. gather: u[n,b,:] = [ K[sel[n,b], b, :] | V[sel[n,b], b, :] ]      u (nS,B,2C), K,V (T,B,C)
+static void gather_forward(float* u, const float* K, const float* V, const int* sel, int nS, int B, int C) {
+    #pragma omp parallel for
+    for (long r = 0; r < (long)nS * B; r++) {
+        long src = ((long)sel[r] * B + r % B) * C;
+        memcpy(u + r * 2 * C, K + src, sizeof(float) * C);
+        memcpy(u + r * 2 * C + C, V + src, sizeof(float) * C);
+    }
+}
+// forward copied cache rows into u, so dK[sel] += du[:C], dV[sel] += du[C:]. The positions of one
+// sequence are distinct, so rows never collide.
+static void gather_backward(float* dK, float* dV, const float* du, const int* sel, int nS, int B, int C) {
+    #pragma omp parallel for
+    for (long r = 0; r < (long)nS * B; r++) {
+        long dst = ((long)sel[r] * B + r % B) * C;
+        for (int c = 0; c < C; c++) {
+            dK[dst + c] += du[r * 2 * C + c];
+            dV[dst + c] += du[r * 2 * C + C + c];
+        }
+    }
+}
+
+// 3. transform: x0 = u W_in^T; np non-causal blocks with RoPE at the original positions;
+//    delta = RMSNorm(x) W_out^T.   u (nS,B,2C) -> delta (nS,B,2C)
+static void transform_forward(ProcActs& p, const ProcW& w, const Config& c, int nS, int B) {
+    int N = nS * B;
+    BlockDims d{c.dp, c.nhp, c.dp / c.nhp, c.fp};
+    matmul_forward(p.xs[0], p.u, w.w_in, N, 2 * c.C, c.dp);
+    for (int i = 0; i < c.np; i++)
+        block_forward(p.xs[i + 1], p.blocks[i], p.xs[i], w.blocks[i], d, p.sel, 0, nS, B, nS, 0, c.theta, c.eps);
+    rmsnorm_forward(p.lnf, p.rstdf, p.xs[c.np], w.final_norm, N, c.dp, c.eps);
+    matmul_forward(p.delta, p.lnf, w.w_out, N, c.dp, 2 * c.C);
+}
+// the backward of transform_forward: ddelta -> du (accumulated) and the weight grads gw
+static void transform_backward(float* du, ProcW& gw, RunState& S, const ProcW& w, const Config& c, int nS, int B) {
+    ProcActs& p = S.pa;
+    int N = nS * B;
+    BlockDims d{c.dp, c.nhp, c.dp / c.nhp, c.fp};
+    zero(p.dlnf, (long)N * c.dp);
+    matmul_backward(p.dlnf, gw.w_out, p.ddelta, p.lnf, w.w_out, N, c.dp, 2 * c.C);
+    zero(p.dx, (long)N * c.dp);
+    rmsnorm_backward(p.dx, gw.final_norm, p.dlnf, p.xs[c.np], w.final_norm, p.rstdf, N, c.dp);
+    for (int i = c.np - 1; i >= 0; i--) {
+        zero(p.dk, (long)N * c.dp);  // the blocks' own keys and values: nothing outside reads them
+        zero(p.dv, (long)N * c.dp);
+        block_backward(p.dx, p.dk, p.dv, &gw.blocks[i], S.sc, p.blocks[i], p.xs[i], w.blocks[i], d, p.sel, 0, nS, B,
+                       nS, 0, c.theta);
+    }
+    matmul_backward(du, gw.w_in, p.dx, p.u, w.w_in, N, 2 * c.C, c.dp);
+}
+
+// 4. write back, in place: K[sel] += sigmoid(g) delta[:C], V[sel] += sigmoid(g) delta[C:]
+static float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
+static void write_back_forward(float* K, float* V, const float* delta, const float* gate, const int* sel, int nS,
+                               int B, int C) {
+    float sg = sigmoidf(gate[0]);
+    #pragma omp parallel for
+    for (long r = 0; r < (long)nS * B; r++) {
+        long dst = ((long)sel[r] * B + r % B) * C;
+        for (int c = 0; c < C; c++) {
+            K[dst + c] += sg * delta[r * 2 * C + c];
+            V[dst + c] += sg * delta[r * 2 * C + C + c];
+        }
+    }
+}
+// forward did post = pre + sigmoid(g) delta. The identity part needs nothing: d(pre) = d(post)
+// stays in dK, dV. Here: ddelta = sigmoid(g) d(post) and dg += sigmoid'(g) sum d(post) . delta
+// (a serial sum: one gate, fixed order).
+static void write_back_backward(float* ddelta, float* dgate, const float* dK, const float* dV, const float* delta,
+                                const float* gate, const int* sel, int nS, int B, int C) {
+    float sg = sigmoidf(gate[0]);
+    double acc = 0.0;
+    for (long r = 0; r < (long)nS * B; r++) {
+        long src = ((long)sel[r] * B + r % B) * C;
+        for (int c = 0; c < C; c++) {
+            float gk = dK[src + c], gv = dV[src + c];
+            ddelta[r * 2 * C + c] = sg * gk;
+            ddelta[r * 2 * C + C + c] = sg * gv;
+            acc += (double)gk * delta[r * 2 * C + c] + (double)gv * delta[r * 2 * C + C + c];
+        }
+    }
+    if (dgate) dgate[0] += (float)(acc * sg * (1.0 - sg));
+}
+
+// Put the pre-rewrite values of one record back into the cache (bitwise exact).
+static void undo_restore(RunState& S, const UndoRecord& rec, int C) {
+    const int* sel = S.undo_sel.data() + rec.sel_off;
+    const float* u = S.undo_u.data() + rec.u_off;
+    BlockActs& a = S.acts[rec.layer];
+    for (long r = 0; r < (long)rec.nS * S.B; r++) {
+        long dst = ((long)sel[r] * S.B + r % S.B) * C;
+        memcpy(a.k + dst, u + r * 2 * C, sizeof(float) * C);
+        memcpy(a.v + dst, u + r * 2 * C + C, sizeof(float) * C);
+    }
+}
+
+// THE BOTTLENECK STEP: fire the processor of every layer at the boundary after segment [s,e).
+static void bottleneck_step(const Model& M, RunState& S, int s, int e) {
+    const Config& c = M.cfg;
+    ProcActs& p = S.pa;
+    int B = S.B;
+    for (int l = 0; l < c.L; l++) {
+        BlockActs& a = S.acts[l];
+        int nS = select_forward(p.sel, p.scores, a.att, s, e, B, c.NH, S.T, c.k, c.periodic);  // 1. select
+        gather_forward(p.u, a.k, a.v, p.sel, nS, B, c.C);                                       // 2. gather
+        UndoRecord rec{l, s, e, nS, (long)S.undo_sel.size(), (long)S.undo_u.size()};
+        S.undo_sel.insert(S.undo_sel.end(), p.sel, p.sel + (long)nS * B);
+        S.undo_u.insert(S.undo_u.end(), p.u, p.u + (long)nS * B * 2 * c.C);
+        S.undo.push_back(rec);
+        transform_forward(p, M.w.proc[l], c, nS, B);                                            // 3. transform
+        write_back_forward(a.k, a.v, p.delta, M.w.proc[l].gate, p.sel, nS, B, c.C);             // 4. write back
+    }
+}
+
+// The backward of one layer's firing. On entry dK, dV hold d(post); on exit d(pre), the cache is
+// restored to its pre-rewrite state, and the processor's weight gradients are accumulated.
+static void bottleneck_step_backward_layer(Model& M, RunState& S, const UndoRecord& rec) {
+    const Config& c = M.cfg;
+    ProcActs& p = S.pa;
+    int B = S.B, l = rec.layer, nS = rec.nS;
+    undo_restore(S, rec, c.C);
+    // recompute this firing's activations from the logged inputs (cheaper than storing them all)
+    memcpy(p.sel, S.undo_sel.data() + rec.sel_off, sizeof(int) * nS * B);
+    memcpy(p.u, S.undo_u.data() + rec.u_off, sizeof(float) * nS * B * 2 * c.C);
+    transform_forward(p, M.w.proc[l], c, nS, B);
+    write_back_backward(p.ddelta, M.g.proc[l].gate, S.dK[l], S.dV[l], p.delta, M.w.proc[l].gate, p.sel, nS, B, c.C);
+    zero(p.du, (long)nS * B * 2 * c.C);
+    transform_backward(p.du, M.g.proc[l], S, M.w.proc[l], c, nS, B);
+    gather_backward(S.dK[l], S.dV[l], p.du, p.sel, nS, B, c.C);
+}
+
+// =============================================================================================
+// Training through time
+//
+// forward_sequence walks the segments: backbone on segment j over the current cache, then the
+// bottleneck step at the boundary. backward_sequence walks back: segment j's backward adds to the
+// cache gradients of every entry it read; at boundary j the undo log restores the cache and the
+// processor's backward turns d(post) into d(pre). bptt step clears the cache gradients once the
+// walk has passed a boundary (the paper's truncation).
+// =============================================================================================
+struct TrainMode {
+    bool use_proc = false;      // fire the processor at boundaries
+    bool segmented = false;     // walk segments even without a processor (tests: must equal one pass)
+    bool train_backbone = true; // backbone weights get gradients
+    bool bptt_step = false;     // truncate at every boundary
+};
+
+// Segment starts for a batch: 0, every boundary, then T (the end). Newline schedule: a boundary
+// at every position holding '\n' (all sequences of a batch share them). Periodic: every N.
+static std::vector<int> segment_bounds(const Config& c, const int* tokens, int T, int B) {
+    std::vector<int> b = {0};
+    for (int t = 1; t < T; t++) {
+        bool cut = c.periodic > 0 ? (t % c.periodic == 0) : (tokens[(long)t * B] == NEWLINE);
+        if (cut) b.push_back(t);
+    }
+    b.push_back(T);
+    return b;
+}
+
+// Loss weights: prediction t (of token t+1) counts iff t+1 lies after the question's newline and
+// token t+1 is not PAD or PAUSE. weight = 1/count, so the summed loss is the batch mean.
+static int set_targets(RunState& S, int T) {
+    int B = S.B, count = 0;
+    for (int b = 0; b < B; b++) {
+        int q = -1;
+        for (int t = 0; t < T; t++) {
+            int nt = t + 1 < T ? S.tokens[(long)(t + 1) * B + b] : PAD;
+            if (q < 0 && S.tokens[(long)t * B + b] == NEWLINE) q = t;
+            bool ok = q >= 0 && t + 1 > q && nt != PAD && nt != PAUSE;
+            S.targets[(long)t * B + b] = nt;
+            S.weight[(long)t * B + b] = ok ? 1.0f : 0.0f;
+            count += ok;
+        }
+    }
+    for (long r = 0; r < (long)T * B; r++) S.weight[r] = count ? S.weight[r] / count : 0.0f;
+    return count;
+}
+
+// Forward over the whole batch (tokens already in S.tokens, T positions). Returns the mean loss.
+// after_boundary(j), if given, runs right after the rewrite that follows segment j (tests).
+static float forward_sequence(const Model& M, RunState& S, int T, const TrainMode& mode,
+                              void (*after_boundary)(const RunState&, int, void*) = nullptr, void* ctx = nullptr) {
+    set_targets(S, T);
+    S.undo.clear(); S.undo_sel.clear(); S.undo_u.clear();
+    if (!mode.use_proc && !mode.segmented) {   // no processor: the segment loop is one full causal pass
+        backbone_forward(M, S, 0, T);
+    } else {
+        std::vector<int> b = segment_bounds(M.cfg, S.tokens, T, S.B);
+        for (size_t j = 0; j + 1 < b.size(); j++) {
+            backbone_forward(M, S, b[j], b[j + 1]);
+            if (mode.use_proc && j + 2 < b.size()) {
+                bottleneck_step(M, S, b[j], b[j + 1]);
+                if (after_boundary) after_boundary(S, (int)j, ctx);
+            }
+        }
+    }
+    double loss = 0.0;
+    for (long r = 0; r < (long)T * S.B; r++) loss += (double)S.losses[r] * S.weight[r];
+    S.n_tok = T;
+    return (float)loss;
+}
+
+// Backward through time; gradients accumulate into M.grads (the caller zeroes them).
+static void backward_sequence(Model& M, RunState& S, int T, const TrainMode& mode) {
+    const Config& c = M.cfg;
+    for (int l = 0; l < c.L; l++) { zero(S.dK[l], (long)T * S.B * c.C); zero(S.dV[l], (long)T * S.B * c.C); }
+    if (!mode.use_proc && !mode.segmented) { backbone_backward(M, S, 0, T, mode.train_backbone); return; }
+    std::vector<int> b = segment_bounds(c, S.tokens, T, S.B);
+    int nseg = (int)b.size() - 1;
+    int r = (int)S.undo.size();   // undo records are consumed from the end
+    for (int j = nseg - 1; j >= 0; j--) {
+        if (mode.use_proc && j < nseg - 1) {   // undo the rewrite that followed segment j
+            for (int l = c.L - 1; l >= 0; l--) bottleneck_step_backward_layer(M, S, S.undo[--r]);
+            if (mode.bptt_step)
+                for (int l = 0; l < c.L; l++) { zero(S.dK[l], (long)T * S.B * c.C); zero(S.dV[l], (long)T * S.B * c.C); }
+        }
+        // a frozen backbone's first segment only feeds earlier rewrites: there are none
+        if (mode.use_proc && !mode.train_backbone && j == 0) break;
+        backbone_backward(M, S, b[j], b[j + 1], mode.train_backbone);
+    }
+    // every undo record has been consumed: the cache is again exactly what segment 0 wrote
+}
+
+// =============================================================================================
+// Optimizer: AdamW with linear warmup then cosine decay to lr/10, and global-norm clipping
+// (torch.nn.utils.clip_grad_norm_ semantics). Only the trainable tensors are touched.
+// =============================================================================================
+struct OptConfig {
+    float lr = 2e-3f, wd = 0.1f, b1 = 0.9f, b2 = 0.95f, eps = 1e-8f, clip = 1.0f;
+    int warmup = 50, steps = 1000;
+};
+
+static float lr_at(const OptConfig& o, int t) {   // t: 0-based step
+    if (t < o.warmup) return o.lr * (t + 1) / o.warmup;
+    float lr_min = 0.1f * o.lr;
+    double progress = (double)(t - o.warmup) / std::max(1, o.steps - o.warmup);
+    return lr_min + 0.5f * (o.lr - lr_min) * (float)(1.0 + cos(M_PI * progress));
+}
+
+static bool trainable(const ParamInfo& p, const TrainMode& mode) { return p.proc || mode.train_backbone; }
+
+// Returns the gradient norm before clipping.
+static float optimizer_step(Model& M, const OptConfig& o, int t, const TrainMode& mode) {
+    double ss = 0.0;
+    for (auto& p : M.table)
+        if (trainable(p, mode))
+            for (long i = 0; i < p.numel; i++) ss += (double)M.grads[p.offset + i] * M.grads[p.offset + i];
+    float norm = (float)sqrt(ss);
+    float coef = o.clip / (norm + 1e-6f);
+    if (coef < 1.0f)
+        for (auto& p : M.table)
+            if (trainable(p, mode))
+                for (long i = 0; i < p.numel; i++) M.grads[p.offset + i] *= coef;
+    M.adam_t++;
+    float lr = lr_at(o, t);
+    for (auto& p : M.table) {
+        if (!trainable(p, mode)) continue;
+        long off = p.offset;
+        adamw_update(&M.params[off], &M.m[off], &M.v[off], &M.grads[off], p.numel, lr, o.b1, o.b2, o.eps,
+                     p.decay ? o.wd : 0.0f, M.adam_t);
+    }
+    return norm;
+}
+
+// =============================================================================================
+// Tasks: synthetic arithmetic, one reasoning step per line (DESIGN §6). An example's text is
+// "question\nline\n...\n#answer$" (no BOS). The size of an example is its number of steps.
+// =============================================================================================
+enum Task { TASK_CHAIN, TASK_ADD, TASK_VAR, TASK_FILE };
+struct TaskInfo { const char* name; int train_lo, train_hi, ood_lo, ood_hi; };
+static const TaskInfo TASKS[] = {
+    {"chain", 2, 8, 9, 16},   // n operations mod 10
+    {"add", 1, 6, 7, 12},     // n-digit + n-digit, one column per line
+    {"var", 2, 6, 8, 12},     // chain depth, with distractors
+};
+
+static Task parse_task(const std::string& s) {
+    for (int i = 0; i < 3; i++)
+        if (s == TASKS[i].name) return (Task)i;
+    BAD_INPUT("unknown task '%s' (expected chain, add or var)", s.c_str());
+}
+
+static int apply_op(int a, char op, int d) {
+    int r = op == '+' ? a + d : op == '-' ? a - d : a * d;
+    return ((r % 10) + 10) % 10;
+}
+
+// chain: "1*4-0+3\n1*4=4\n4-0=4\n4+3=7\n#7$"
+static std::string gen_chain(Rng& r, int n) {
+    int a = r.randint(0, 9);
+    std::string q = std::to_string(a), lines;
+    for (int i = 0; i < n; i++) {
+        char op = "+-*"[r.randint(0, 2)];
+        int d = r.randint(0, 9), res = apply_op(a, op, d);
+        q += op + std::to_string(d);
+        lines += "\n" + std::to_string(a) + op + std::to_string(d) + "=" + std::to_string(res);
+        a = res;
+    }
+    return q + lines + "\n#" + std::to_string(a) + "$";
+}
+
+// add, digits least-significant first: "891+721\n8+7+0=5,1\n9+2+1=2,1\n1+1+1=3,0\n#523$"
+// (a final carry of 1 becomes one more answer digit)
+static std::string gen_add(Rng& r, int n) {
+    std::vector<int> a(n), b(n);
+    for (int i = 0; i < n; i++) a[i] = r.randint(0, 9);
+    for (int i = 0; i < n; i++) b[i] = r.randint(0, 9);
+    std::string q, lines, ans;
+    for (int i = 0; i < n; i++) q += (char)('0' + a[i]);
+    q += '+';
+    for (int i = 0; i < n; i++) q += (char)('0' + b[i]);
+    int carry = 0;
+    for (int i = 0; i < n; i++) {
+        int s = a[i] + b[i] + carry;
+        lines += strf("\n%d+%d+%d=%d,%d", a[i], b[i], carry, s % 10, s / 10);
+        ans += (char)('0' + s % 10);
+        carry = s / 10;
+    }
+    if (carry) ans += '1';
+    return q + lines + "\n#" + ans + "$";
+}
+
+// var: "t=b+0;a=o-2;q=x+7;o=q*4;x=0\nx=0\nq=x+7=7\no=q*4=8\na=o-2=6\n#6$"
+// A chain of `depth` assignments from a constant, shuffled among distractors whose right-hand
+// variable is never defined. 2 distractors up to depth 7, 4 beyond (the OOD sizes).
+static std::string gen_var(Rng& r, int depth) {
+    int nd = depth <= 7 ? 2 : 4;
+    std::string letters = "abcdefghijklmnopqrstuvwxyz";
+    for (int i = 25; i > 0; i--) std::swap(letters[i], letters[r.randint(0, i)]);
+    std::vector<std::string> assigns;
+    std::string lines;
+    int val = r.randint(0, 9);
+    assigns.push_back(strf("%c=%d", letters[0], val));
+    lines += strf("\n%c=%d", letters[0], val);
+    for (int i = 1; i < depth; i++) {
+        char op = "+-*"[r.randint(0, 2)];
+        int d = r.randint(0, 9);
+        val = apply_op(val, op, d);
+        assigns.push_back(strf("%c=%c%c%d", letters[i], letters[i - 1], op, d));
+        lines += strf("\n%c=%c%c%d=%d", letters[i], letters[i - 1], op, d, val);
+    }
+    for (int i = 0; i < nd; i++)
+        assigns.push_back(strf("%c=%c%c%d", letters[depth + 2 * i], letters[depth + 2 * i + 1], "+-*"[r.randint(0, 2)],
+                               r.randint(0, 9)));
+    for (int i = (int)assigns.size() - 1; i > 0; i--) std::swap(assigns[i], assigns[r.randint(0, i)]);
+    std::string q;
+    for (size_t i = 0; i < assigns.size(); i++) q += (i ? ";" : "") + assigns[i];
+    return q + lines + "\n#" + std::to_string(val) + "$";
+}
+
+static std::string question_of(const std::string& text) { return text.substr(0, text.find('\n')); }
+
+// Held-out split: a question whose FNV-1a hash is 0 mod 8 is for evaluation only; the training
+// stream never contains it, so the two splits are disjoint by construction.
+static bool is_eval_question(const std::string& q) {
+    uint64_t h = 1469598103934665603ull;
+    for (char ch : q) h = (h ^ (unsigned char)ch) * 1099511628211ull;
+    return h % 8 == 0;
+}
+
+static std::string gen_example(Task task, Rng& r, int size, bool eval_split) {
+    for (;;) {
+        std::string t = task == TASK_CHAIN ? gen_chain(r, size) : task == TASK_ADD ? gen_add(r, size) : gen_var(r, size);
+        if (is_eval_question(question_of(t)) == eval_split) return t;
+    }
+}
+
+// ---- examples from a text file: one example per block of lines, blocks separated by a blank line
+struct Example { std::string text; int size; };
+
+static std::vector<Example> read_examples(const std::string& path) {
+    std::ifstream f(path, std::ios::binary);
+    if (!f) BAD_INPUT("%s: cannot open the data file", path.c_str());
+    std::vector<Example> out;
+    std::vector<std::string> cur;
+    int lineno = 0, start = 1;
+    std::string line;
+    auto finish = [&]() {
+        if (cur.empty()) return;
+        if (cur.size() < 2)
+            BAD_INPUT("%s: line %d: an example needs a question line and an answer line '#...$'", path.c_str(), start);
+        const std::string& last = cur.back();
+        if (last.size() < 3 || last[0] != '#' || last.back() != '$')
+            BAD_INPUT("%s: line %d: the last line of an example must look like '#<answer>$', got '%s'", path.c_str(),
+                      start + (int)cur.size() - 1, last.c_str());
+        std::string text;
+        for (size_t i = 0; i < cur.size(); i++) text += (i ? "\n" : "") + cur[i];
+        out.push_back({text, (int)cur.size() - 2});
+        cur.clear();
+    };
+    while (std::getline(f, line)) {
+        lineno++;
+        if (!line.empty() && line.back() == '\r') line.pop_back();
+        if (line.empty()) { finish(); continue; }
+        for (size_t i = 0; i < line.size(); i++)
+            if (char_to_token(line[i]) < 0 || line[i] == '\n')
+                BAD_INPUT("%s: line %d, column %d: character '%c' (byte 0x%02x) is not in the vocabulary", path.c_str(),
+                          lineno, (int)i + 1, line[i], (unsigned char)line[i]);
+        if (cur.empty()) start = lineno;
+        cur.push_back(line);
+    }
+    finish();
+    if (out.empty()) BAD_INPUT("%s: no examples found (examples are separated by blank lines)", path.c_str());
+    return out;
+}
+
+// ---- batches: B examples with the same layout, time-major into S.tokens, PAD after the end
+// Returns T. All sequences must have their newlines at the same positions.
+static int load_batch(RunState& S, const std::vector<std::string>& texts) {
+    int B = (int)texts.size(), T = 0;
+    std::vector<std::vector<int>> toks(B);
+    for (int b = 0; b < B; b++) {
+        toks[b] = tokenize(texts[b], "example");
+        T = std::max(T, (int)toks[b].size());
+    }
+    if (T > S.T) BAD_INPUT("a sequence of %d tokens is longer than the model's context (max %d)", T, S.T);
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++) {
+            int tk = t < (int)toks[b].size() ? toks[b][t] : PAD;
+            S.tokens[(long)t * B + b] = tk;
+            if (b > 0 && (tk == NEWLINE) != (S.tokens[(long)t * B] == NEWLINE))
+                INTERNAL("batch examples 0 and %d have their newlines at different positions (%d)", b, t);
+        }
+    return T;
+}
+
+// The training data stream: one size per batch (so newlines line up), drawn from rng.
+struct DataStream {
+    Task task;
+    int lo, hi;
+    std::vector<Example> file;                      // TASK_FILE
+    std::map<std::string, std::vector<int>> by_layout;  // file examples grouped by newline layout
+    Rng rng{1};
+};
+
+static std::string layout_key(const std::string& text) {
+    std::string k;
+    for (size_t i = 0; i < text.size(); i++)
+        if (text[i] == '\n') k += std::to_string(i) + ",";
+    // the final line (answer) may differ in length: cut the key at the last newline
+    return k;
+}
+
+static std::vector<std::string> next_batch(DataStream& D, int B) {
+    std::vector<std::string> out;
+    if (D.task == TASK_FILE) {
+        const Example& first = D.file[D.rng.next() % D.file.size()];
+        const std::vector<int>& same = D.by_layout[layout_key(first.text)];
+        for (int b = 0; b < B; b++) out.push_back(D.file[same[D.rng.next() % same.size()]].text);
+        return out;
+    }
+    int size = D.rng.randint(D.lo, D.hi);
+    for (int b = 0; b < B; b++) out.push_back(gen_example(D.task, D.rng, size, false));
+    return out;
+}
+
+// longest token count the stream can produce (sizes the run state)
+static int max_tokens(const DataStream& D) {
+    int T = 0;
+    if (D.task == TASK_FILE) {
+        for (auto& e : D.file) T = std::max(T, (int)e.text.size() + 1);
+        return T;
+    }
+    Rng r(7);
+    for (int s = D.lo; s <= D.hi; s++)
+        for (int i = 0; i < 4; i++) T = std::max(T, (int)gen_example(D.task, r, s, false).size() + 1);
+    return T + 2;   // add's final carry digit may not show up in 4 draws
+}
+
+// =============================================================================================
+// Decoding: feed tokens into a B=1 run state, firing the processor before every boundary token
+// exactly as training does (so decoding and scoring see the same caches).
+// =============================================================================================
+struct Decoder {
+    const Model* M;
+    RunState S;         // B = 1, T = max_seq_len, no gradients
+    int seg_start = 0;  // first position of the current segment
+    bool use_proc = false;
+    FILE* trace = nullptr;
+};
+
+static void decoder_init(Decoder& D, const Model& M) {
+    D.M = &M;
+    run_state_build(D.S, M.cfg, M.cfg.T, 1, false);
+    D.use_proc = M.cfg.dp > 0;
+}
+static void decoder_reset(Decoder& D) {
+    D.S.n_tok = 0; D.seg_start = 0;
+    D.S.undo.clear(); D.S.undo_sel.clear(); D.S.undo_u.clear();
+}
+
+static void print_trace(const Decoder& D, int s, int e);
+
+static bool is_boundary(const Config& c, int t, int tok) {
+    return t > 0 && (c.periodic > 0 ? t % c.periodic == 0 : tok == NEWLINE);
+}
+
+// Append n tokens. Runs the backbone chunk by chunk; before a boundary token it fires the
+// bottleneck step on the segment that just ended.
+static void decoder_feed(Decoder& D, const int* toks, int n) {
+    RunState& S = D.S;
+    const Config& c = D.M->cfg;
+    if (S.n_tok + n > S.T) BAD_INPUT("the sequence would exceed the model's context of %d tokens", S.T);
+    int chunk = S.n_tok;
+    for (int i = 0; i < n; i++) {
+        int t = S.n_tok;
+        if (D.use_proc && is_boundary(c, t, toks[i]) && t > D.seg_start) {
+            if (t > chunk) backbone_forward(*D.M, S, chunk, t);
+            bottleneck_step(*D.M, S, D.seg_start, t);
+            if (D.trace) print_trace(D, D.seg_start, t);
+            D.seg_start = chunk = t;
+        }
+        S.tokens[t] = toks[i];
+        S.n_tok++;
+    }
+    if (S.n_tok > chunk) backbone_forward(*D.M, S, chunk, S.n_tok);
+}
+
+// greedy choice at the last position; PAD, BOS and PAUSE are never emitted
+static int decoder_argmax(const Decoder& D) {
+    const float* z = D.S.logits + (long)(D.S.n_tok - 1) * D.M->cfg.V;
+    int best = NEWLINE;
+    for (int i = NEWLINE; i < D.M->cfg.V; i++)
+        if (z[i] > z[best]) best = i;
+    return best;
+}
+
+// Greedy continuation of prompt (text, no BOS) until '$' or the context is full.
+static std::string generate(Decoder& D, const std::string& prompt) {
+    decoder_reset(D);
+    std::vector<int> toks = tokenize(prompt, "prompt");
+    decoder_feed(D, toks.data(), (int)toks.size());
+    std::string out;
+    while (D.S.n_tok < D.S.T) {
+        int t = decoder_argmax(D);
+        out += token_to_char(t);
+        if (out.back() == '$') break;
+        decoder_feed(D, &t, 1);
+    }
+    return out;
+}
+
+// --trace: what the bottleneck step just did, layer by layer
+static void print_trace(const Decoder& D, int s, int e) {
+    const RunState& S = D.S;
+    const Config& c = D.M->cfg;
+    std::string span;
+    for (int t = s; t < e; t++) span += token_str(S.tokens[t]);
+    fprintf(D.trace, "[bottleneck] after positions %d..%d \"%s\"\n", s, e - 1, span.c_str());
+    int per_layer = (int)S.undo.size() - c.L;
+    for (int l = 0; l < c.L; l++) {
+        const UndoRecord& rec = S.undo[per_layer + l];
+        const int* sel = S.undo_sel.data() + rec.sel_off;
+        const float* u = S.undo_u.data() + rec.u_off;
+        const BlockActs& a = S.acts[l];
+        // relative update sizes over the rewritten entries: ||post - pre|| / ||pre||
+        double dk = 0, nk = 0, dv = 0, nv = 0;
+        for (int n = 0; n < rec.nS; n++)
+            for (int i = 0; i < c.C; i++) {
+                float pk = u[(long)n * 2 * c.C + i], pv = u[(long)n * 2 * c.C + c.C + i];
+                float qk = a.k[(long)sel[n] * c.C + i], qv = a.v[(long)sel[n] * c.C + i];
+                dk += (qk - pk) * (qk - pk); nk += pk * pk; dv += (qv - pv) * (qv - pv); nv += pv * pv;
+            }
+        fprintf(D.trace, "  layer %d gate %.3f |dK|/|K| %.4f |dV|/|V| %.4f recalled:", l,
+                sigmoidf(D.M->w.proc[l].gate[0]), sqrt(dk / (nk + 1e-30)), sqrt(dv / (nv + 1e-30)));
+        int nrec = rec.nS - (e - s);
+        if (c.periodic) nrec = 0;
+        for (int n = 0; n < nrec; n++) {
+            // the score of a recalled position (recomputed from the stored attention)
+            float sc = 0.0f;
+            for (int t = s; t < e; t++)
+                for (int h = 0; h < c.NH; h++) sc += a.att[((long)t * c.NH + h) * S.T + sel[n]];
+            fprintf(D.trace, " %d'%s'(%.3f)", sel[n], token_str(S.tokens[sel[n]]).c_str(), sc / (c.NH * (e - s)));
+        }
+        fprintf(D.trace, "%s\n", c.periodic ? " (periodic: the whole cache)" : "");
+    }
+}
+
+// =============================================================================================
+// Evaluation: greedy decoding from "question\n", compared line by line with the reference.
+// =============================================================================================
+struct EvalResult {
+    int n = 0, answer_ok = 0, lines_ok = 0;
+    double first_wrong_sum = 0;   // over examples with a wrong line: the 1-based index of the first
+    int first_wrong_n = 0;
+    std::vector<std::string> mistakes;
+};
+
+static std::vector<std::string> split_lines(const std::string& s) {
+    std::vector<std::string> out;
+    std::stringstream ss(s);
+    std::string l;
+    while (std::getline(ss, l, '\n')) out.push_back(l);
+    return out;
+}
+
+// score one generated completion against the reference text (both without the question line)
+static void eval_one(EvalResult& R, const std::string& want, const std::string& got) {
+    R.n++;
+    auto w = split_lines(want), g = split_lines(got);
+    std::string wa = w.back(), ga = g.empty() ? "" : g.back();
+    R.answer_ok += (wa == ga);
+    if (got == want) { R.lines_ok++; return; }
+    for (size_t i = 0; i < w.size(); i++) {
+        std::string gi = i < g.size() ? g[i] : "(nothing)";
+        if (gi != w[i]) {
+            R.first_wrong_sum += i + 1;
+            R.first_wrong_n++;
+            if (R.mistakes.size() < 3)
+                R.mistakes.push_back(strf("model wrote %s on line %d, want %s", gi.c_str(), (int)i + 1, w[i].c_str()));
+            break;
+        }
+    }
+}
+
+// Evaluate on examples (text with the full reference); runs examples in parallel, one decoder
+// per thread.
+static EvalResult evaluate(const Model& M, const std::vector<std::string>& texts) {
+    int n = (int)texts.size();
+    std::vector<std::string> outs(n);
+    #pragma omp parallel
+    {
+        Decoder D;
+        decoder_init(D, M);
+        #pragma omp for schedule(dynamic)
+        for (int i = 0; i < n; i++) {
+            std::string q = question_of(texts[i]);
+            outs[i] = generate(D, q + "\n");
+        }
+    }
+    EvalResult R;
+    for (int i = 0; i < n; i++) eval_one(R, texts[i].substr(texts[i].find('\n') + 1), outs[i]);
+    return R;
+}
+
+static std::vector<std::string> eval_set(Task task, int size, int count, uint64_t seed) {
+    Rng r(seed * 1000003ull + size);
+    std::vector<std::string> out;
+    for (int i = 0; i < count; i++) out.push_back(gen_example(task, r, size, true));
+    return out;
+}
+
+// =============================================================================================
+// Checkpoints: safetensors. 8-byte little-endian header length N, N bytes of JSON
+//   {"__metadata__": {"d_model": "128", ...}, "tok_emb": {"dtype": "F32", "shape": [48,128],
+//    "data_offsets": [0, 24576]}, ...}
+// then the raw data. bt writes float32 only and validates everything before trusting a file.
+// =============================================================================================
+
+// ---- a small JSON reader, enough for safetensors headers (objects, arrays, strings, numbers)
+struct Json {
+    enum Kind { NUL, NUM, STR, ARR, OBJ } kind = NUL;
+    double num = 0;
+    std::string str;
+    std::vector<Json> arr;
+    std::vector<std::pair<std::string, Json>> obj;
+    const Json* get(const std::string& k) const {
+        for (auto& kv : obj)
+            if (kv.first == k) return &kv.second;
+        return nullptr;
+    }
+};
+
+struct JsonParser {
+    const std::string& s;
+    size_t i = 0;
+    std::string where;
+    [[noreturn]] void fail(const char* what) {
+        BAD_INPUT("%s: bad JSON header at byte %zu: %s", where.c_str(), i, what);
+    }
+    void ws() { while (i < s.size() && (s[i] == ' ' || s[i] == '\n' || s[i] == '\t' || s[i] == '\r')) i++; }
+    std::string string() {
+        if (s[i] != '"') fail("expected a string");
+        std::string out;
+        for (i++; i < s.size() && s[i] != '"'; i++) {
+            if (s[i] == '\\') {
+                if (++i >= s.size()) break;
+                char e = s[i];
+                if (e == 'n') out += '\n'; else if (e == 't') out += '\t'; else if (e == 'u') {
+                    if (i + 4 >= s.size()) fail("truncated \\u escape");
+                    out += (char)strtol(s.substr(i + 1, 4).c_str(), nullptr, 16);
+                    i += 4;
+                } else out += e;
+            } else out += s[i];
+        }
+        if (i >= s.size()) fail("unterminated string");
+        i++;
+        return out;
+    }
+    Json value(int depth) {
+        if (depth > 16) fail("nested too deeply");
+        ws();
+        if (i >= s.size()) fail("unexpected end");
+        Json j;
+        char ch = s[i];
+        if (ch == '{') {
+            j.kind = Json::OBJ; i++; ws();
+            if (i < s.size() && s[i] == '}') { i++; return j; }
+            for (;;) {
+                ws();
+                if (i >= s.size()) fail("unexpected end in object");
+                std::string k = string();
+                ws();
+                if (i >= s.size() || s[i] != ':') fail("expected ':'");
+                i++;
+                j.obj.push_back({k, value(depth + 1)});
+                ws();
+                if (i < s.size() && s[i] == ',') { i++; continue; }
+                if (i < s.size() && s[i] == '}') { i++; return j; }
+                fail("expected ',' or '}'");
+            }
+        } else if (ch == '[') {
+            j.kind = Json::ARR; i++; ws();
+            if (i < s.size() && s[i] == ']') { i++; return j; }
+            for (;;) {
+                j.arr.push_back(value(depth + 1));
+                ws();
+                if (i < s.size() && s[i] == ',') { i++; continue; }
+                if (i < s.size() && s[i] == ']') { i++; return j; }
+                fail("expected ',' or ']'");
+            }
+        } else if (ch == '"') {
+            j.kind = Json::STR; j.str = string();
+        } else if (ch == '-' || (ch >= '0' && ch <= '9')) {
+            char* end;
+            j.kind = Json::NUM; j.num = strtod(s.c_str() + i, &end);
+            i = end - s.c_str();
+        } else if (s.compare(i, 4, "null") == 0) {
+            i += 4;
+        } else fail("unexpected character");
+        return j;
+    }
+};
+
+struct Tensor { std::vector<int> shape; std::vector<float> data; };
+struct SafeFile {
+    std::map<std::string, std::string> meta;
+    std::map<std::string, Tensor> tensors;
+};
+
+static SafeFile read_safetensors(const std::string& path) {
+    std::ifstream f(path, std::ios::binary);
+    if (!f) BAD_INPUT("%s: cannot open (does the file exist?)", path.c_str());
+    std::string bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    if (bytes.size() < 8) BAD_INPUT("%s: %zu bytes is too short for a safetensors file", path.c_str(), bytes.size());
+    uint64_t n = 0;
+    for (int b = 7; b >= 0; b--) n = (n << 8) | (unsigned char)bytes[b];
+    if (n > bytes.size() - 8)
+        BAD_INPUT("%s: header length %llu runs past the end of the file (%zu bytes): truncated?", path.c_str(),
+                  (unsigned long long)n, bytes.size());
+    std::string header = bytes.substr(8, n);
+    JsonParser jp{header, 0, path};
+    Json root = jp.value(0);
+    if (root.kind != Json::OBJ) BAD_INPUT("%s: the header is not a JSON object", path.c_str());
+    size_t data0 = 8 + n, data_len = bytes.size() - data0;
+    SafeFile out;
+    std::vector<std::pair<uint64_t, uint64_t>> ranges;
+    for (auto& kv : root.obj) {
+        const std::string& name = kv.first;
+        const Json& t = kv.second;
+        if (name == "__metadata__") {
+            if (t.kind != Json::OBJ) BAD_INPUT("%s: __metadata__ is not an object", path.c_str());
+            for (auto& m : t.obj) {
+                if (m.second.kind != Json::STR) BAD_INPUT("%s: metadata '%s' is not a string", path.c_str(), m.first.c_str());
+                out.meta[m.first] = m.second.str;
+            }
+            continue;
+        }
+        const Json *dt = t.get("dtype"), *sh = t.get("shape"), *of = t.get("data_offsets");
+        if (t.kind != Json::OBJ || !dt || !sh || !of || dt->kind != Json::STR || sh->kind != Json::ARR ||
+            of->kind != Json::ARR || of->arr.size() != 2)
+            BAD_INPUT("%s: tensor '%s' needs dtype, shape and data_offsets [begin, end]", path.c_str(), name.c_str());
+        if (dt->str != "F32")
+            BAD_INPUT("%s: tensor '%s' has dtype %s; bt reads F32 only", path.c_str(), name.c_str(), dt->str.c_str());
+        Tensor T;
+        uint64_t numel = 1;
+        for (auto& d : sh->arr) {
+            if (d.kind != Json::NUM || d.num < 0 || d.num > 1e9 || d.num != (double)(long)d.num)
+                BAD_INPUT("%s: tensor '%s' has a bad dimension in its shape", path.c_str(), name.c_str());
+            T.shape.push_back((int)d.num);
+            numel *= (uint64_t)d.num;
+        }
+        double b0 = of->arr[0].num, b1 = of->arr[1].num;
+        if (of->arr[0].kind != Json::NUM || of->arr[1].kind != Json::NUM || b0 < 0 || b1 < b0 || b1 > (double)data_len)
+            BAD_INPUT("%s: tensor '%s' has data_offsets [%.0f, %.0f] outside the %zu data bytes", path.c_str(),
+                      name.c_str(), b0, b1, data_len);
+        if ((uint64_t)(b1 - b0) != numel * 4)
+            BAD_INPUT("%s: tensor '%s' holds %.0f bytes but its shape needs %llu", path.c_str(), name.c_str(), b1 - b0,
+                      (unsigned long long)(numel * 4));
+        ranges.push_back({(uint64_t)b0, (uint64_t)b1});
+        T.data.resize(numel);
+        if (numel) memcpy(T.data.data(), bytes.data() + data0 + (size_t)b0, numel * 4);
+        out.tensors[name] = std::move(T);
+    }
+    std::sort(ranges.begin(), ranges.end());
+    for (size_t i = 1; i < ranges.size(); i++)
+        if (ranges[i].first < ranges[i - 1].second)
+            BAD_INPUT("%s: two tensors overlap in the data section (bytes %llu..%llu)", path.c_str(),
+                      (unsigned long long)ranges[i].first, (unsigned long long)ranges[i - 1].second);
+    return out;
+}
+
+static std::string json_escape(const std::string& s) {
+    std::string o;
+    for (char ch : s) {
+        if (ch == '"' || ch == '\\') o += '\\';
+        o += ch;
+    }
+    return o;
+}
+
+struct OutTensor { std::string name; std::vector<int> shape; const float* data; };
+
+// Written to path + ".tmp" and renamed, so a crash never leaves half a checkpoint.
+static void write_safetensors(const std::string& path, std::vector<OutTensor> ts,
+                              const std::map<std::string, std::string>& meta) {
+    std::sort(ts.begin(), ts.end(), [](const OutTensor& a, const OutTensor& b) { return a.name < b.name; });
+    std::string h = "{\"__metadata__\":{";
+    bool first = true;
+    for (auto& kv : meta) {
+        h += strf("%s\"%s\":\"%s\"", first ? "" : ",", json_escape(kv.first).c_str(), json_escape(kv.second).c_str());
+        first = false;
+    }
+    h += "}";
+    uint64_t off = 0;
+    for (auto& t : ts) {
+        long n = 1;
+        std::string shape;
+        for (size_t i = 0; i < t.shape.size(); i++) { n *= t.shape[i]; shape += (i ? "," : "") + std::to_string(t.shape[i]); }
+        h += strf(",\"%s\":{\"dtype\":\"F32\",\"shape\":[%s],\"data_offsets\":[%llu,%llu]}", json_escape(t.name).c_str(),
+                  shape.c_str(), (unsigned long long)off, (unsigned long long)(off + 4 * n));
+        off += 4 * n;
+    }
+    h += "}";
+    while ((8 + h.size()) % 8) h += ' ';
+    std::string tmp = path + ".tmp";
+    FILE* f = fopen(tmp.c_str(), "wb");
+    if (!f) BAD_INPUT("%s: cannot write (does the folder exist?)", tmp.c_str());
+    unsigned char len[8];
+    for (int b = 0; b < 8; b++) len[b] = (unsigned char)((uint64_t)h.size() >> (8 * b));
+    bool ok = fwrite(len, 1, 8, f) == 8 && fwrite(h.data(), 1, h.size(), f) == h.size();
+    for (auto& t : ts) {
+        long n = 1;
+        for (int d : t.shape) n *= d;
+        ok = ok && fwrite(t.data, 4, n, f) == (size_t)n;
+    }
+    ok = (fclose(f) == 0) && ok;
+    if (!ok || rename(tmp.c_str(), path.c_str()) != 0) INTERNAL("%s: write failed (disk full?)", path.c_str());
+}
+
+// ---- model config <-> metadata
+static std::map<std::string, std::string> config_meta(const Config& c) {
+    std::map<std::string, std::string> m = {
+        {"format", "bt"}, {"vocab_size", std::to_string(c.V)}, {"d_model", std::to_string(c.C)},
+        {"n_layers", std::to_string(c.L)}, {"n_heads", std::to_string(c.NH)}, {"ffn_hidden", std::to_string(c.F)},
+        {"max_seq_len", std::to_string(c.T)}, {"rope_theta", strf("%g", c.theta)}, {"norm_eps", strf("%g", c.eps)}};
+    if (c.dp > 0) {
+        m["proc_width"] = std::to_string(c.dp); m["proc_layers"] = std::to_string(c.np);
+        m["proc_heads"] = std::to_string(c.nhp); m["proc_ffn_hidden"] = std::to_string(c.fp);
+        m["k"] = std::to_string(c.k);
+        m["schedule"] = c.periodic ? strf("periodic:%d", c.periodic) : "newline";
+    }
+    return m;
+}
+
+static int parse_schedule(const std::string& s) {   // 0 for newline, N for periodic:N
+    if (s == "newline") return 0;
+    if (s.rfind("periodic:", 0) == 0) {
+        char* end;
+        long n = strtol(s.c_str() + 9, &end, 10);
+        if (*end == 0 && n > 0 && n < 100000) return (int)n;
+    }
+    BAD_INPUT("bad schedule '%s' (expected newline or periodic:N with N > 0)", s.c_str());
+}
+
+static Config config_from_meta(const std::map<std::string, std::string>& m, const std::string& path) {
+    auto num = [&](const char* k, bool required, double def) -> double {
+        auto it = m.find(k);
+        if (it == m.end()) {
+            if (required) BAD_INPUT("%s: metadata has no '%s': not a bt checkpoint?", path.c_str(), k);
+            return def;
+        }
+        char* end;
+        double v = strtod(it->second.c_str(), &end);
+        if (*end != 0 || it->second.empty()) BAD_INPUT("%s: metadata '%s' = '%s' is not a number", path.c_str(), k, it->second.c_str());
+        return v;
+    };
+    Config c;
+    c.V = (int)num("vocab_size", true, 0); c.C = (int)num("d_model", true, 0); c.L = (int)num("n_layers", true, 0);
+    c.NH = (int)num("n_heads", true, 0); c.F = (int)num("ffn_hidden", true, 0);
+    c.T = (int)num("max_seq_len", false, 256);
+    c.theta = (float)num("rope_theta", false, 10000); c.eps = (float)num("norm_eps", false, 1e-5);
+    c.dp = (int)num("proc_width", false, 0);
+    if (c.dp > 0) {
+        c.np = (int)num("proc_layers", true, 1); c.nhp = (int)num("proc_heads", true, 4);
+        c.fp = (int)num("proc_ffn_hidden", true, 0); c.k = (int)num("k", true, 4);
+        auto it = m.find("schedule");
+        c.periodic = it == m.end() ? 0 : parse_schedule(it->second);
+    }
+    try { validate_config(c); } catch (BtError& e) { BAD_INPUT("%s: %s", path.c_str(), e.what()); }
+    return c;
+}
+
+static void save_model(const Model& M, const std::string& path, std::map<std::string, std::string> extra = {}) {
+    std::vector<OutTensor> ts;
+    for (auto& p : M.table) ts.push_back({p.name, p.shape, M.params.data() + p.offset});
+    auto meta = config_meta(M.cfg);
+    for (auto& kv : extra) meta[kv.first] = kv.second;
+    write_safetensors(path, ts, meta);
+}
+
+// Copy the tensors of f into M by name. Every backbone tensor must be there with the right shape;
+// processor tensors must be there too unless allow_missing_proc (then they keep their init).
+static void copy_tensors(Model& M, const SafeFile& f, const std::string& path, bool allow_missing_proc) {
+    for (auto& p : M.table) {
+        auto it = f.tensors.find(p.name);
+        if (it == f.tensors.end()) {
+            if (p.proc && allow_missing_proc) continue;
+            BAD_INPUT("%s: tensor '%s' is missing", path.c_str(), p.name.c_str());
+        }
+        if (it->second.shape != p.shape) {
+            std::string want, got;
+            for (int d : p.shape) want += std::to_string(d) + ",";
+            for (int d : it->second.shape) got += std::to_string(d) + ",";
+            BAD_INPUT("%s: tensor '%s' has shape [%s] but the config needs [%s]", path.c_str(), p.name.c_str(),
+                      got.c_str(), want.c_str());
+        }
+        std::copy(it->second.data.begin(), it->second.data.end(), M.params.begin() + p.offset);
+    }
+}
+
+static void load_model(Model& M, const std::string& path) {
+    SafeFile f = read_safetensors(path);
+    model_build(M, config_from_meta(f.meta, path));
+    copy_tensors(M, f, path, false);
+    std::set<std::string> known;
+    for (auto& p : M.table) known.insert(p.name);
+    for (auto& kv : f.tensors)
+        if (!known.count(kv.first))
+            BAD_INPUT("%s: unexpected tensor '%s' (checkpoint from another config?)", path.c_str(), kv.first.c_str());
+}
+
+// =============================================================================================
+// Command line
+// =============================================================================================
+struct FlagSpec { const char* name; const char* def; const char* help; };
+static const FlagSpec FLAGS[] = {
+    {"task", "chain", "chain | add | var: the synthetic task"},
+    {"data", "", "train or evaluate on a text file of examples separated by blank lines"},
+    {"ckpt", "", "checkpoint to read (.safetensors)"},
+    {"out", "bt.safetensors", "checkpoint to write"},
+    {"init", "", "start from this backbone checkpoint"},
+    {"model", "vanilla", "vanilla | bt (backbone + Cache Processor)"},
+    {"steps", "1000", "training steps"},
+    {"batch", "64", "sequences per batch"},
+    {"lr", "0.002", "peak learning rate (AdamW)"},
+    {"warmup", "50", "linear warmup steps, then cosine decay to lr/10"},
+    {"wd", "0.1", "AdamW weight decay (matrices only)"},
+    {"clip", "1.0", "gradient clipping: max global norm"},
+    {"seed", "1", "random seed (init, data, evaluation sets)"},
+    {"d-model", "128", "backbone width"},
+    {"layers", "4", "backbone layers"},
+    {"heads", "4", "attention heads"},
+    {"ffn", "0", "SwiGLU hidden width (0: 3 x d-model)"},
+    {"max-seq-len", "256", "longest sequence the model accepts"},
+    {"proc-width", "0", "processor width (0: d-model / 2)"},
+    {"proc-layers", "1", "processor blocks per backbone layer"},
+    {"proc-heads", "4", "processor attention heads"},
+    {"proc-ffn", "0", "processor SwiGLU hidden width (0: 3 x proc-width)"},
+    {"k", "4", "older cache entries reconsolidated per layer and boundary (0: consolidation only)"},
+    {"schedule", "newline", "newline | periodic:N (rewrite the whole cache every N tokens)"},
+    {"bptt", "full", "full (exact gradient through every rewrite) | step (truncate at each boundary)"},
+    {"joint", "", "train backbone and processor together (from scratch without --init)"},
+    {"log-every", "10", "print a progress line every N steps"},
+    {"save-every", "0", "also write the checkpoint every N steps (0: only at the end)"},
+    {"sizes", "", "problem sizes to evaluate, A..B (default: training and OOD ranges)"},
+    {"n", "100", "evaluation examples per size"},
+    {"prompt", "", "question to continue (a newline is added if missing)"},
+    {"trace", "", "print what every bottleneck step selects and changes"},
+    {"text-file", "", "examples to score"},
+};
+static const char* BOOL_FLAGS[] = {"joint", "trace"};
+
+struct Command { const char* name; const char* flags; const char* help; };
+static const Command COMMANDS[] = {
+    {"train", "task data out init model steps batch lr warmup wd clip seed d-model layers heads ffn max-seq-len "
+              "proc-width proc-layers proc-heads proc-ffn k schedule bptt joint log-every save-every",
+     "train a model (vanilla backbone, or a Cache Processor on top with --model bt)"},
+    {"eval", "ckpt task data sizes n seed", "greedy decoding accuracy per problem size"},
+    {"generate", "ckpt prompt trace", "greedy continuation of a prompt"},
+    {"score", "ckpt text-file", "log-probability of every target token of the examples in a file"},
+};
+
+struct Args {
+    std::string cmd;
+    std::map<std::string, std::string> v;
+    std::set<std::string> given;
+    bool has(const std::string& k) const { return given.count(k) > 0; }
+    std::string str(const std::string& k) const { return v.at(k); }
+    double num(const std::string& k, double lo, double hi) const {
+        char* end;
+        const std::string& s = v.at(k);
+        double x = strtod(s.c_str(), &end);
+        if (s.empty() || *end != 0) BAD_INPUT("--%s '%s' is not a number (try bt %s --help)", k.c_str(), s.c_str(), cmd.c_str());
+        if (x < lo || x > hi) BAD_INPUT("--%s %s is out of range [%g, %g] (try bt %s --help)", k.c_str(), s.c_str(), lo, hi, cmd.c_str());
+        return x;
+    }
+    int integer(const std::string& k, int lo, int hi) const {
+        double x = num(k, lo, hi);
+        if (x != (int)x) BAD_INPUT("--%s must be a whole number, got %s", k.c_str(), v.at(k).c_str());
+        return (int)x;
+    }
+};
+
+static void print_usage(FILE* f) {
+    fprintf(f, "usage: bt <command> [--flag value ...]     (bt <command> --help lists its flags)\n\ncommands:\n");
+    for (auto& c : COMMANDS) fprintf(f, "  %-9s %s\n", c.name, c.help);
+}
+
+static void print_command_help(const Command& c) {
+    printf("usage: bt %s [--flag value ...]\n%s\n\nflags (default in brackets):\n", c.name, c.help);
+    std::stringstream ss(c.flags);
+    std::string f;
+    while (ss >> f)
+        for (auto& fs : FLAGS)
+            if (f == fs.name) printf("  --%-12s %s%s%s%s\n", fs.name, fs.help, fs.def[0] ? " [" : "", fs.def, fs.def[0] ? "]" : "");
+}
+
+// returns false when help was printed
+static bool parse_args(Args& a, int argc, char** argv) {
+    if (argc < 2) { print_usage(stderr); throw BtError(2, "no command given"); }
+    a.cmd = argv[1];
+    if (a.cmd == "--help" || a.cmd == "-h" || a.cmd == "help") { print_usage(stdout); return false; }
+    const Command* cmd = nullptr;
+    for (auto& c : COMMANDS)
+        if (a.cmd == c.name) cmd = &c;
+    if (!cmd) BAD_INPUT("unknown command '%s' (commands: train, eval, generate, score; try bt --help)", a.cmd.c_str());
+    std::set<std::string> allowed;
+    std::stringstream ss(cmd->flags);
+    std::string f;
+    while (ss >> f) allowed.insert(f);
+    for (auto& fs : FLAGS) a.v[fs.name] = fs.def;
+    for (int i = 2; i < argc; i++) {
+        std::string s = argv[i];
+        if (s == "--help" || s == "-h") { print_command_help(*cmd); return false; }
+        if (s.rfind("--", 0) != 0) BAD_INPUT("unexpected argument '%s' (flags look like --name value)", s.c_str());
+        std::string name = s.substr(2);
+        if (!allowed.count(name))
+            BAD_INPUT("bt %s has no option --%s (try bt %s --help)", a.cmd.c_str(), name.c_str(), a.cmd.c_str());
+        bool boolean = false;
+        for (auto* b : BOOL_FLAGS) boolean |= name == b;
+        if (boolean) { a.v[name] = "1"; a.given.insert(name); continue; }
+        if (i + 1 >= argc) BAD_INPUT("--%s needs a value (try bt %s --help)", name.c_str(), a.cmd.c_str());
+        a.v[name] = argv[++i];
+        a.given.insert(name);
+    }
+    return true;
+}
+
+static std::string build_flags() {
+    std::string s = "fp32";
+#ifdef _OPENMP
+    s += strf(", OpenMP (%d threads)", omp_get_max_threads());
+#else
+    s += ", no OpenMP";
+#endif
+#ifdef __AVX2__
+    s += ", AVX2";
+#endif
+#ifdef __FMA__
+    s += ", FMA";
+#endif
+    return s;
+}
+
+static std::string fmt_time(double s) {
+    int t = (int)(s + 0.5);
+    return t >= 60 ? strf("%dm%02ds", t / 60, t % 60) : strf("%ds", t);
+}
+
+// ---- bt train
+static void cmd_train(const Args& a) {
+    bool is_bt = a.str("model") == "bt";
+    if (!is_bt && a.str("model") != "vanilla") BAD_INPUT("--model must be vanilla or bt, got '%s'", a.str("model").c_str());
+    bool joint = a.has("joint");
+    if (is_bt && !joint && !a.has("init"))
+        BAD_INPUT("--model bt trains a processor on a frozen backbone: give --init BACKBONE.safetensors, or --joint to "
+                  "train both from scratch");
+    uint64_t seed = (uint64_t)a.integer("seed", 0, 2000000000);
+    OptConfig o;
+    o.steps = a.integer("steps", 0, 10000000); o.lr = (float)a.num("lr", 0, 10);
+    o.warmup = a.integer("warmup", 1, 10000000); o.wd = (float)a.num("wd", 0, 10); o.clip = (float)a.num("clip", 1e-6, 1e9);
+    int B = a.integer("batch", 1, 100000), log_every = a.integer("log-every", 1, 1000000000);
+    int save_every = a.integer("save-every", 0, 1000000000);
+
+    // the model: from --init (its backbone config) or from the size flags
+    Model M;
+    Config c;
+    SafeFile init;
+    if (a.has("init")) {
+        init = read_safetensors(a.str("init"));
+        c = config_from_meta(init.meta, a.str("init"));
+    } else {
+        c.C = a.integer("d-model", 2, 1 << 16); c.L = a.integer("layers", 1, 1000); c.NH = a.integer("heads", 1, 1 << 16);
+        c.F = a.integer("ffn", 0, 1 << 20); if (c.F == 0) c.F = 3 * c.C;
+        c.T = a.integer("max-seq-len", 2, 1 << 16);
+    }
+    if (is_bt) {
+        c.dp = a.integer("proc-width", 0, 1 << 16); if (c.dp == 0) c.dp = c.C / 2;
+        c.np = a.integer("proc-layers", 1, 1000); c.nhp = a.integer("proc-heads", 1, 1 << 16);
+        c.fp = a.integer("proc-ffn", 0, 1 << 20); if (c.fp == 0) c.fp = 3 * c.dp;
+        c.k = a.integer("k", 0, 64); c.periodic = parse_schedule(a.str("schedule"));
+    } else {
+        c.dp = 0;
+    }
+    std::string bptt = a.str("bptt");
+    if (bptt != "full" && bptt != "step") BAD_INPUT("--bptt must be full or step, got '%s'", bptt.c_str());
+    model_build(M, c);
+    model_init_random(M, seed);
+    if (a.has("init")) copy_tensors(M, init, a.str("init"), true);
+    TrainMode mode;
+    mode.use_proc = is_bt;
+    mode.train_backbone = !is_bt || joint || !a.has("init");
+    mode.bptt_step = bptt == "step";
+
+    // the data stream
+    DataStream D;
+    D.rng = Rng(seed * 7919 + 17);
+    if (a.has("data")) {
+        D.task = TASK_FILE;
+        D.file = read_examples(a.str("data"));
+        for (size_t i = 0; i < D.file.size(); i++) D.by_layout[layout_key(D.file[i].text)].push_back((int)i);
+    } else {
+        D.task = parse_task(a.str("task"));
+        D.lo = TASKS[D.task].train_lo; D.hi = TASKS[D.task].train_hi;
+    }
+    int T = max_tokens(D);
+    RunState S;
+    run_state_build(S, c, T, B, true);
+
+    long n_trainable = 0;
+    for (auto& p : M.table) n_trainable += trainable(p, mode) ? p.numel : 0;
+    printf("bt train | %s | %s\n", a.has("data") ? a.str("data").c_str() : a.str("task").c_str(), build_flags().c_str());
+    printf("  model    %s: d_model %d, layers %d, heads %d, ffn %d, vocab %d, max_seq_len %d\n", is_bt ? "bt" : "vanilla",
+           c.C, c.L, c.NH, c.F, c.V, c.T);
+    if (is_bt)
+        printf("  processor width %d, blocks %d, heads %d, ffn %d, k %d, schedule %s, bptt %s, backbone %s\n", c.dp,
+               c.np, c.nhp, c.fp, c.k, c.periodic ? strf("periodic:%d", c.periodic).c_str() : "newline", bptt.c_str(),
+               mode.train_backbone ? "trained" : "frozen");
+    printf("  params   %ld (backbone %ld, processor %ld), trainable %ld\n", M.n_params, M.n_backbone,
+           M.n_params - M.n_backbone, n_trainable);
+    printf("  train    steps %d, batch %d, lr %g (warmup %d, cosine to lr/10), wd %g, clip %g, AdamW (0.9, 0.95)\n",
+           o.steps, B, o.lr, o.warmup, o.wd, o.clip);
+    printf("  data     sizes %d..%d, up to %d tokens per sequence, seed %llu%s\n", D.lo, D.hi, T,
+           (unsigned long long)seed, a.has("init") ? (", init " + a.str("init")).c_str() : "");
+    fflush(stdout);
+
+    double t_start = now_seconds();
+    long tokens_seen = 0;
+    for (int step = 0; step < o.steps; step++) {
+        double t0 = now_seconds();
+        int Tb = load_batch(S, next_batch(D, B));
+        std::fill(M.grads.begin(), M.grads.end(), 0.0f);
+        float loss = forward_sequence(M, S, Tb, mode);
+        if (!std::isfinite(loss))
+            INTERNAL("step %d: the loss is %f; stopping (the last checkpoint written is kept)", step + 1, loss);
+        backward_sequence(M, S, Tb, mode);
+        float norm = optimizer_step(M, o, step, mode);
+        double dt = now_seconds() - t0, el = now_seconds() - t_start;
+        tokens_seen += (long)Tb * B;
+        if ((step + 1) % log_every == 0 || step == 0 || step + 1 == o.steps) {
+            printf("step %5d/%d | loss %.4f | norm %6.3f | lr %.1e | %6.1f ms | %6.0f tok/s | ETA %s\n", step + 1, o.steps,
+                   loss, norm, lr_at(o, step), dt * 1e3, tokens_seen / el,
+                   fmt_time(el / (step + 1) * (o.steps - step - 1)).c_str());
+            fflush(stdout);
+        }
+        if (save_every > 0 && (step + 1) % save_every == 0) save_model(M, a.str("out"));
+    }
+    save_model(M, a.str("out"), {{"task", a.has("data") ? "file" : a.str("task")}});
+    printf("wrote %s (%ld params) after %d steps in %s\n", a.str("out").c_str(), M.n_params, o.steps,
+           fmt_time(now_seconds() - t_start).c_str());
+}
+
+// ---- bt eval
+static void parse_sizes(const std::string& s, int* lo, int* hi) {
+    if (sscanf(s.c_str(), "%d..%d", lo, hi) == 2 && *lo >= 1 && *hi >= *lo && *hi <= 64) return;
+    if (sscanf(s.c_str(), "%d", lo) == 1 && *lo >= 1 && *lo <= 64 && s.find("..") == std::string::npos) { *hi = *lo; return; }
+    BAD_INPUT("--sizes '%s' should look like 2..8 (or one size, 5)", s.c_str());
+}
+
+static void print_eval_row(const std::string& label, const EvalResult& R) {
+    printf("%-10s %5d   %6.3f   %9.3f   %s\n", label.c_str(), R.n, (double)R.answer_ok / R.n, (double)R.lines_ok / R.n,
+           R.first_wrong_n ? strf("%.1f", R.first_wrong_sum / R.first_wrong_n).c_str() : "-");
+}
+
+static void add_result(EvalResult& into, const EvalResult& r) {
+    into.n += r.n; into.answer_ok += r.answer_ok; into.lines_ok += r.lines_ok;
+    into.first_wrong_sum += r.first_wrong_sum; into.first_wrong_n += r.first_wrong_n;
+    for (auto& m : r.mistakes) if (into.mistakes.size() < 3) into.mistakes.push_back(m);
+}
+
+static void cmd_eval(const Args& a) {
+    if (!a.has("ckpt")) BAD_INPUT("bt eval needs --ckpt FILE");
+    Model M;
+    load_model(M, a.str("ckpt"));
+    int n = a.integer("n", 1, 1000000);
+    uint64_t seed = (uint64_t)a.integer("seed", 0, 2000000000);
+    printf("bt eval | %s | %s | processor %s\n", a.str("ckpt").c_str(), build_flags().c_str(), M.cfg.dp ? "on" : "none");
+    printf("%-10s %5s   %6s   %9s   %s\n", "size", "n", "answer", "all-lines", "first wrong line (mean, of wrong)");
+    double t0 = now_seconds();
+    if (a.has("data")) {
+        std::vector<Example> ex = read_examples(a.str("data"));
+        std::map<int, std::vector<std::string>> by_size;
+        for (auto& e : ex) by_size[e.size].push_back(e.text);
+        EvalResult all;
+        for (auto& kv : by_size) {
+            EvalResult r = evaluate(M, kv.second);
+            print_eval_row(std::to_string(kv.first) + " lines", r);
+            add_result(all, r);
+        }
+        print_eval_row("all", all);
+        for (auto& m : all.mistakes) printf("  e.g. %s\n", m.c_str());
+        return;
+    }
+    Task task = parse_task(a.str("task"));
+    const TaskInfo& ti = TASKS[task];
+    int lo = ti.train_lo, hi = ti.ood_hi;
+    if (a.has("sizes")) parse_sizes(a.str("sizes"), &lo, &hi);
+    EvalResult id, ood;
+    for (int s = lo; s <= hi; s++) {
+        EvalResult r = evaluate(M, eval_set(task, s, n, seed));
+        print_eval_row(std::to_string(s), r);
+        add_result(s <= ti.train_hi ? id : ood, r);
+    }
+    if (id.n) print_eval_row(strf("ID %d..%d", std::max(lo, ti.train_lo), std::min(hi, ti.train_hi)), id);
+    if (ood.n) print_eval_row(strf("OOD %d..%d", std::max(lo, ti.ood_lo), hi), ood);
+    for (auto& m : id.mistakes) printf("  ID  e.g. %s\n", m.c_str());
+    for (auto& m : ood.mistakes) printf("  OOD e.g. %s\n", m.c_str());
+    printf("(%s)\n", fmt_time(now_seconds() - t0).c_str());
+}
+
+// ---- bt generate
+static void cmd_generate(const Args& a) {
+    if (!a.has("ckpt")) BAD_INPUT("bt generate needs --ckpt FILE");
+    if (!a.has("prompt")) BAD_INPUT("bt generate needs --prompt TEXT (a question, e.g. --prompt '1*4-0+3')");
+    Model M;
+    load_model(M, a.str("ckpt"));
+    Decoder D;
+    decoder_init(D, M);
+    if (a.has("trace")) D.trace = stdout;
+    std::string p = a.str("prompt");
+    // the shell gives a literal backslash-n: accept it as a newline
+    for (size_t i; (i = p.find("\\n")) != std::string::npos;) p.replace(i, 2, "\n");
+    if (p.empty() || p.back() != '\n') p += '\n';
+    std::string out = generate(D, p);
+    printf("%s%s\n", p.c_str(), out.c_str());
+}
+
+// ---- bt score
+static void cmd_score(const Args& a) {
+    if (!a.has("ckpt") || !a.has("text-file")) BAD_INPUT("bt score needs --ckpt FILE and --text-file FILE");
+    Model M;
+    load_model(M, a.str("ckpt"));
+    std::vector<Example> ex = read_examples(a.str("text-file"));
+    TrainMode mode;
+    mode.use_proc = M.cfg.dp > 0;
+    printf("position\ttoken\tlogprob\n");
+    double total = 0.0;
+    for (auto& e : ex) {
+        RunState S;
+        int T = (int)e.text.size() + 1;
+        run_state_build(S, M.cfg, T, 1, false);
+        load_batch(S, {e.text});
+        forward_sequence(M, S, T, mode);
+        for (int t = 0; t + 1 < T; t++) {
+            if (S.weight[t] == 0.0f) continue;
+            const float* z = S.logits + (long)t * M.cfg.V;
+            float mx = *std::max_element(z, z + M.cfg.V);
+            double sum = 0.0;
+            for (int i = 0; i < M.cfg.V; i++) sum += exp((double)z[i] - mx);
+            double lp = (double)z[S.targets[t]] - mx - log(sum);
+            total += lp;
+            printf("%d\t%s\t%.6f\n", t + 1, token_str(S.targets[t]).c_str(), lp);
+        }
+    }
+    printf("total\t%.6f\n", total);
+}
+
+#ifndef BT_TESTING
+int main(int argc, char** argv) {
+    try {
+        Args a;
+        if (!parse_args(a, argc, argv)) return 0;
+        if (a.cmd == "train") cmd_train(a);
+        else if (a.cmd == "eval") cmd_eval(a);
+        else if (a.cmd == "generate") cmd_generate(a);
+        else if (a.cmd == "score") cmd_score(a);
+        return 0;
+    } catch (BtError& e) {
+        fprintf(stderr, "bt: error: %s\n", e.what());
+        return e.code;
+    } catch (std::bad_alloc&) {
+        fprintf(stderr, "bt: error: out of memory (try a smaller --batch or --max-seq-len)\n");
+        return 1;
+    } catch (std::exception& e) {
+        fprintf(stderr, "bt: internal error: %s\n", e.what());
+        return 1;
+    }
+}
+#endif
