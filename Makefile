@@ -22,6 +22,10 @@ else
   $(info ✗ OpenMP (compiler has no -fopenmp))
 endif
 
+ifeq ($(USE_CUDA),1)
+  $(info ✗ CUDA (USE_CUDA=1: kernels.cu is not written yet; building the CPU version))
+endif
+
 .PHONY: all test train reference debug clean deps
 all: bt
 

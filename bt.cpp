@@ -1022,8 +1022,8 @@ static int load_batch(RunState& S, const std::vector<std::string>& texts) {
 
 // The training data stream: one size per batch (so newlines line up), drawn from rng.
 struct DataStream {
-    Task task;
-    int lo, hi;
+    Task task = TASK_CHAIN;
+    int lo = 0, hi = 0;
     std::vector<Example> file;                      // TASK_FILE
     std::map<std::string, std::vector<int>> by_layout;  // file examples grouped by newline layout
     Rng rng{1};
@@ -1516,8 +1516,8 @@ static void copy_tensors(Model& M, const SafeFile& f, const std::string& path, b
         }
         if (it->second.shape != p.shape) {
             std::string want, got;
-            for (int d : p.shape) want += std::to_string(d) + ",";
-            for (int d : it->second.shape) got += std::to_string(d) + ",";
+            for (int d : p.shape) want += (want.empty() ? "" : ",") + std::to_string(d);
+            for (int d : it->second.shape) got += (got.empty() ? "" : ",") + std::to_string(d);
             BAD_INPUT("%s: tensor '%s' has shape [%s] but the config needs [%s]", path.c_str(), p.name.c_str(),
                       got.c_str(), want.c_str());
         }
@@ -1747,8 +1747,9 @@ static void cmd_train(const Args& a) {
            M.n_params - M.n_backbone, n_trainable);
     printf("  train    steps %d, batch %d, lr %g (warmup %d, cosine to lr/10), wd %g, clip %g, AdamW (0.9, 0.95)\n",
            o.steps, B, o.lr, o.warmup, o.wd, o.clip);
-    printf("  data     sizes %d..%d, up to %d tokens per sequence, seed %llu%s\n", D.lo, D.hi, T,
-           (unsigned long long)seed, a.has("init") ? (", init " + a.str("init")).c_str() : "");
+    std::string what = D.task == TASK_FILE ? strf("%zu examples", D.file.size()) : strf("sizes %d..%d", D.lo, D.hi);
+    printf("  data     %s, up to %d tokens per sequence, seed %llu%s\n", what.c_str(), T, (unsigned long long)seed,
+           a.has("init") ? (", init " + a.str("init")).c_str() : "");
     fflush(stdout);
 
     double t_start = now_seconds();

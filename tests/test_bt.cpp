@@ -200,3 +200,564 @@ TEST_CASE("plain backbone on the processor reference's weights matches PyTorch")
     std::vector<float> logits = batch_major(S.logits, T, S.B, M.cfg.V);
     CHECK(check_tensor("plain.logits", logits.data(), f.tensors.at("plain.logits").data.data(), logits.size(), 1e-4f));
 }
+
+// =============================================================================================
+// Finite-difference checks of every op in tensor.hpp
+//   loss = sum_i r_i out_i for a fixed random r; the op's backward with dout = r must match
+//   (loss(x + eps) - loss(x - eps)) / 2 eps for every input entry. float32 forward passes make
+//   the numerical side noisy at ~1e-4 of the gradient scale; the tolerance is 1e-2 of it.
+// =============================================================================================
+static std::vector<float> randv(Rng& r, long n, float scale = 1.0f) {
+    std::vector<float> v(n);
+    for (auto& x : v) x = scale * r.normal();
+    return v;
+}
+static double dotd(const std::vector<float>& a, const float* b) {
+    double s = 0;
+    for (size_t i = 0; i < a.size(); i++) s += (double)a[i] * b[i];
+    return s;
+}
+
+struct FdInput { std::string name; float* x; long n; const float* grad; };
+
+static bool fd_check(const std::string& op, const std::function<double()>& loss, const std::vector<FdInput>& ins,
+                     float eps = 1e-3f, float tol = 1e-2f) {
+    bool ok = true;
+    for (auto& in : ins) {
+        // a loss that returns NaN marks a point where the function is not smooth (the processor's
+        // top-k selection flipped): that entry is skipped, and counted
+        std::vector<float> num, ana;
+        long skipped = 0;
+        for (long i = 0; i < in.n; i++) {
+            float save = in.x[i];
+            in.x[i] = save + eps; double lp = loss();
+            in.x[i] = save - eps; double lm = loss();
+            in.x[i] = save;
+            if (std::isnan(lp) || std::isnan(lm)) { skipped++; continue; }
+            num.push_back((float)((lp - lm) / (2.0 * eps)));
+            ana.push_back(in.grad[i]);
+        }
+        float scale = std::max(max_abs(num.data(), num.size()), 1e-6f);
+        std::string label = "fd " + op + " d" + in.name + (skipped ? strf(" (%ld skipped)", skipped) : "");
+        ok &= check_tensor(label, ana.data(), num.data(), num.size(), tol * scale);
+        ok &= skipped * 4 <= in.n;   // most entries must be checkable
+    }
+    return ok;
+}
+
+TEST_CASE("finite differences: embedding, matmul (naive and fast), rmsnorm, rope, residual") {
+    Rng r(11);
+    int N = 6, C = 32, V = 5, OC = 20;
+    {   // embedding
+        std::vector<int> tok = {0, 3, 3, 1, 4, 0};
+        auto emb = randv(r, V * C), out = std::vector<float>(N * C), rr = randv(r, N * C);
+        std::vector<float> demb(V * C, 0.0f);
+        embedding_backward(demb.data(), rr.data(), tok.data(), N, C);
+        auto loss = [&]() { embedding_forward(out.data(), tok.data(), emb.data(), N, C); return dotd(rr, out.data()); };
+        CHECK(fd_check("embedding", loss, {{"emb", emb.data(), (long)emb.size(), demb.data()}}));
+    }
+    for (int fast = 0; fast < 2; fast++) {   // matmul
+        auto x = randv(r, N * C), W = randv(r, OC * C), rr = randv(r, N * OC), out = std::vector<float>(N * OC);
+        std::vector<float> dx(N * C, 0.0f), dW(OC * C, 0.0f);
+        if (fast) matmul_backward(dx.data(), dW.data(), rr.data(), x.data(), W.data(), N, C, OC);
+        else matmul_backward_naive(dx.data(), dW.data(), rr.data(), x.data(), W.data(), N, C, OC);
+        auto loss = [&]() {
+            if (fast) matmul_forward(out.data(), x.data(), W.data(), N, C, OC);
+            else matmul_forward_naive(out.data(), x.data(), W.data(), N, C, OC);
+            return dotd(rr, out.data());
+        };
+        CHECK(fd_check(fast ? "matmul(fast)" : "matmul(naive)", loss,
+                       {{"inp", x.data(), (long)x.size(), dx.data()}, {"W", W.data(), (long)W.size(), dW.data()}}));
+    }
+    {   // rmsnorm
+        auto x = randv(r, N * C), w = randv(r, C), rr = randv(r, N * C), out = std::vector<float>(N * C);
+        std::vector<float> rstd(N), dx(N * C, 0.0f), dw(C, 0.0f);
+        rmsnorm_forward(out.data(), rstd.data(), x.data(), w.data(), N, C, 1e-5f);
+        rmsnorm_backward(dx.data(), dw.data(), rr.data(), x.data(), w.data(), rstd.data(), N, C);
+        auto loss = [&]() { rmsnorm_forward(out.data(), rstd.data(), x.data(), w.data(), N, C, 1e-5f); return dotd(rr, out.data()); };
+        CHECK(fd_check("rmsnorm", loss, {{"inp", x.data(), (long)x.size(), dx.data()}, {"w", w.data(), C, dw.data()}}));
+    }
+    {   // rope, at scattered positions
+        int NH = 2, HS = 16;
+        std::vector<int> pos = {0, 1, 7, 30, 2, 100};
+        auto x = randv(r, N * C), rr = randv(r, N * C), out = std::vector<float>(N * C);
+        std::vector<float> dx(N * C, 0.0f);
+        rope_backward(dx.data(), rr.data(), pos.data(), N, NH, HS, 10000.0f);
+        auto loss = [&]() { rope_forward(out.data(), x.data(), pos.data(), N, NH, HS, 10000.0f); return dotd(rr, out.data()); };
+        CHECK(fd_check("rope", loss, {{"inp", x.data(), (long)x.size(), dx.data()}}));
+    }
+    {   // residual
+        auto a = randv(r, N * C), b = randv(r, N * C), rr = randv(r, N * C), out = std::vector<float>(N * C);
+        std::vector<float> da(N * C, 0.0f), db(N * C, 0.0f);
+        residual_backward(da.data(), db.data(), rr.data(), N * C);
+        auto loss = [&]() { residual_forward(out.data(), a.data(), b.data(), N * C); return dotd(rr, out.data()); };
+        CHECK(fd_check("residual", loss, {{"a", a.data(), (long)a.size(), da.data()}, {"b", b.data(), (long)b.size(), db.data()}}));
+    }
+}
+
+TEST_CASE("finite differences: attention (causal over a cache, and non-causal), swiglu, cross-entropy") {
+    Rng r(12);
+    for (int causal = 0; causal < 2; causal++) {
+        // causal: 3 queries at positions 2..4 over a cache of 5 keys; non-causal: 4 over 4
+        int B = 2, NH = 2, HS = 8, C = NH * HS, Tq = causal ? 3 : 4, Tk = causal ? 5 : 4, q0 = causal ? 2 : 0, ld = 6;
+        auto q = randv(r, Tq * B * C), k = randv(r, Tk * B * C), v = randv(r, Tk * B * C), rr = randv(r, Tq * B * C);
+        std::vector<float> out(Tq * B * C), att(Tq * B * NH * ld), dq(q.size(), 0.0f), dk(k.size(), 0.0f), dv(v.size(), 0.0f);
+        attention_forward(out.data(), att.data(), q.data(), k.data(), v.data(), Tq, Tk, ld, q0, causal, B, NH, HS);
+        attention_backward(dq.data(), dk.data(), dv.data(), rr.data(), att.data(), q.data(), k.data(), v.data(), Tq, Tk,
+                           ld, q0, causal, B, NH, HS);
+        auto loss = [&]() {
+            attention_forward(out.data(), att.data(), q.data(), k.data(), v.data(), Tq, Tk, ld, q0, causal, B, NH, HS);
+            return dotd(rr, out.data());
+        };
+        CHECK(fd_check(causal ? "attention(causal)" : "attention(full)", loss,
+                       {{"q", q.data(), (long)q.size(), dq.data()}, {"k", k.data(), (long)k.size(), dk.data()},
+                        {"v", v.data(), (long)v.size(), dv.data()}}));
+    }
+    {
+        long N = 40;
+        auto h1 = randv(r, N, 2.0f), h3 = randv(r, N), rr = randv(r, N), out = std::vector<float>(N);
+        std::vector<float> d1(N, 0.0f), d3(N, 0.0f);
+        swiglu_backward(d1.data(), d3.data(), rr.data(), h1.data(), h3.data(), N);
+        auto loss = [&]() { swiglu_forward(out.data(), h1.data(), h3.data(), N); return dotd(rr, out.data()); };
+        CHECK(fd_check("swiglu", loss, {{"h1", h1.data(), N, d1.data()}, {"h3", h3.data(), N, d3.data()}}));
+    }
+    {
+        int N = 5, V = 7;
+        auto z = randv(r, N * V, 2.0f);
+        std::vector<int> tgt = {0, 6, 3, 3, 1};
+        std::vector<float> w = {0.5f, 0.0f, 1.0f, 0.25f, 2.0f}, probs(N * V), losses(N), dz(N * V, 0.0f);
+        crossentropy_forward(losses.data(), probs.data(), z.data(), tgt.data(), w.data(), N, V);
+        crossentropy_backward(dz.data(), probs.data(), tgt.data(), w.data(), 1.0f, N, V);
+        auto loss = [&]() {
+            crossentropy_forward(losses.data(), probs.data(), z.data(), tgt.data(), w.data(), N, V);
+            double s = 0;
+            for (int n = 0; n < N; n++) s += (double)losses[n] * w[n];
+            return s;
+        };
+        CHECK(fd_check("crossentropy", loss, {{"logits", z.data(), (long)z.size(), dz.data()}}));
+    }
+}
+
+TEST_CASE("adamw_update against a double-precision computation of the same formula") {
+    Rng r(13);
+    long N = 50;
+    auto p = randv(r, N), m = std::vector<float>(N, 0.0f), v = std::vector<float>(N, 0.0f);
+    std::vector<double> pd(p.begin(), p.end()), md(N, 0.0), vd(N, 0.0);
+    float lr = 0.01f, b1 = 0.9f, b2 = 0.95f, eps = 1e-8f, wd = 0.1f;
+    for (int t = 1; t <= 5; t++) {
+        auto g = randv(r, N);
+        adamw_update(p.data(), m.data(), v.data(), g.data(), N, lr, b1, b2, eps, wd, t);
+        for (long i = 0; i < N; i++) {
+            pd[i] -= (double)lr * wd * pd[i];
+            md[i] = b1 * md[i] + (1 - (double)b1) * g[i];
+            vd[i] = b2 * vd[i] + (1 - (double)b2) * g[i] * g[i];
+            pd[i] -= lr * (md[i] / (1 - pow(b1, t))) / (sqrt(vd[i] / (1 - pow(b2, t))) + eps);
+        }
+    }
+    std::vector<float> want(pd.begin(), pd.end());
+    CHECK(check_tensor("adamw params after 5 steps", p.data(), want.data(), N, 1e-6f));
+}
+
+// =============================================================================================
+// The model as a whole: segment loop, decoding, the processor's invariants, through-time FD
+// =============================================================================================
+// The named tiny test configuration: 2 layers, width 16, 2 heads; processor width 8, k 2.
+static Config tiny_config(bool proc) {
+    Config c;
+    c.C = 16; c.L = 2; c.NH = 2; c.F = 32; c.T = 96;
+    if (proc) { c.dp = 8; c.np = 1; c.nhp = 2; c.fp = 16; c.k = 2; }
+    return c;
+}
+// every weight random (w_out too, so the processor really rewrites); gains near 1, gates -1
+static void randomize(Model& M, uint64_t seed, float scale) {
+    Rng r(seed);
+    for (auto& p : M.table)
+        for (long i = 0; i < p.numel; i++) {
+            float& x = M.params[p.offset + i];
+            x = p.kind == 1 ? 1.0f + 0.1f * r.normal() : p.kind == 3 ? -1.0f : scale * r.normal();
+        }
+}
+// two chain examples of the same layout (3 operations: 5 segments, 4 boundaries)
+static int tiny_batch(RunState& S, const Config& c, bool train, uint64_t seed = 5) {
+    Rng r(seed);
+    std::vector<std::string> texts = {gen_chain(r, 3), gen_chain(r, 3)};
+    run_state_build(S, c, (int)texts[0].size() + 1, 2, train);
+    return load_batch(S, texts);
+}
+
+TEST_CASE("the segment loop with the processor off equals one full causal pass (logits and gradients)") {
+    Model M;
+    model_build(M, tiny_config(false));
+    randomize(M, 21, 0.3f);
+    RunState S;
+    int T = tiny_batch(S, M.cfg, true);
+    TrainMode full, seg;
+    seg.segmented = true;
+    forward_sequence(M, S, T, full);
+    std::vector<float> logits_full(S.logits, S.logits + (long)T * S.B * M.cfg.V);
+    backward_sequence(M, S, T, full);
+    std::vector<float> g_full = M.grads;
+    std::fill(M.grads.begin(), M.grads.end(), 0.0f);
+    forward_sequence(M, S, T, seg);
+    backward_sequence(M, S, T, seg);
+    CHECK(check_tensor("segmented logits vs full pass", S.logits, logits_full.data(), logits_full.size(), 1e-5f));
+    for (auto& p : M.table)
+        CHECK(check_tensor("segmented grad " + p.name, M.grads.data() + p.offset, g_full.data() + p.offset, p.numel,
+                           1e-5f * std::max(max_abs(g_full.data() + p.offset, p.numel), 1e-12f)));
+}
+
+// logits of a decoder fed one token at a time, for the tokens of sequence b of S
+static std::vector<float> decode_logits(const Model& M, const RunState& S, int T, int b) {
+    Decoder D;
+    decoder_init(D, M);
+    decoder_reset(D);
+    std::vector<float> out;
+    for (int t = 0; t < T; t++) {
+        int tok = S.tokens[(long)t * S.B + b];
+        decoder_feed(D, &tok, 1);
+        out.insert(out.end(), D.S.logits + (long)t * M.cfg.V, D.S.logits + (long)(t + 1) * M.cfg.V);
+    }
+    return out;
+}
+static std::vector<float> seq_logits(const RunState& S, int T, int b, int V) {
+    std::vector<float> out;
+    for (int t = 0; t < T; t++) out.insert(out.end(), S.logits + ((long)t * S.B + b) * V, S.logits + ((long)t * S.B + b + 1) * V);
+    return out;
+}
+
+TEST_CASE("incremental decoding with the KV cache gives the full pass's logits (backbone, and with the processor)") {
+    for (int proc = 0; proc < 2; proc++) {
+        Model M;
+        model_build(M, tiny_config(proc));
+        randomize(M, 22, 0.3f);
+        RunState S;
+        int T = tiny_batch(S, M.cfg, false);
+        TrainMode mode;
+        mode.use_proc = proc;
+        forward_sequence(M, S, T, mode);   // the path bt score uses
+        for (int b = 0; b < S.B; b++) {
+            auto want = seq_logits(S, T, b, M.cfg.V), got = decode_logits(M, S, T, b);
+            CHECK(check_tensor(strf("decode vs %s, sequence %d", proc ? "score (processor on)" : "full pass", b),
+                               got.data(), want.data(), want.size(), 1e-4f));
+        }
+    }
+}
+
+TEST_CASE("a freshly initialised processor (W_out = 0) leaves the logits bit-identical to the backbone alone") {
+    Model M;
+    model_build(M, tiny_config(true));
+    model_init_random(M, 23);   // the real init: w_out 0, gate -2
+    RunState S;
+    int T = tiny_batch(S, M.cfg, false);
+    TrainMode off, on;
+    off.segmented = true;
+    on.use_proc = true;
+    forward_sequence(M, S, T, off);
+    std::vector<float> a(S.logits, S.logits + (long)T * S.B * M.cfg.V);
+    forward_sequence(M, S, T, on);
+    CHECK(S.undo.size() == 4u * M.cfg.L);   // it did fire
+    CHECK(memcmp(a.data(), S.logits, sizeof(float) * a.size()) == 0);
+}
+
+TEST_CASE("the undo log restores the cache bitwise at every boundary of the backward walk") {
+    Model M;
+    model_build(M, tiny_config(true));
+    randomize(M, 24, 0.3f);
+    RunState S;
+    int T = tiny_batch(S, M.cfg, true);
+    const Config& c = M.cfg;
+    long n = (long)T * S.B * c.C;
+    set_targets(S, T);
+    // forward by hand, keeping a copy of every layer's cache just before each rewrite
+    std::vector<int> b = segment_bounds(c, S.tokens, T, S.B);
+    std::vector<std::vector<float>> before;   // [boundary * L + l] -> K then V
+    for (size_t j = 0; j + 1 < b.size(); j++) {
+        backbone_forward(M, S, b[j], b[j + 1]);
+        if (j + 2 == b.size()) break;
+        for (int l = 0; l < c.L; l++) {
+            std::vector<float> kv(S.acts[l].k, S.acts[l].k + n);
+            kv.insert(kv.end(), S.acts[l].v, S.acts[l].v + n);
+            before.push_back(kv);
+        }
+        bottleneck_step(M, S, b[j], b[j + 1]);
+    }
+    // the walk back, by hand: after undoing boundary j, every layer's cache is as it was before
+    for (int l = 0; l < c.L; l++) { zero(S.dK[l], n); zero(S.dV[l], n); }
+    int r = (int)S.undo.size(), nb = (int)b.size() - 2;
+    bool ok = true;
+    for (int j = nb - 1; j >= 0; j--) {
+        backbone_backward(M, S, b[j + 1], b[j + 2], true);
+        for (int l = c.L - 1; l >= 0; l--) bottleneck_step_backward_layer(M, S, S.undo[--r]);
+        long m = (long)b[j + 1] * S.B * c.C;   // the rows that existed at boundary j
+        for (int l = 0; l < c.L; l++) {
+            const std::vector<float>& kv = before[(long)j * c.L + l];
+            ok &= memcmp(kv.data(), S.acts[l].k, sizeof(float) * m) == 0;
+            ok &= memcmp(kv.data() + n, S.acts[l].v, sizeof(float) * m) == 0;
+        }
+    }
+    CHECK(ok);
+    CHECK(r == 0);
+}
+
+// the summed loss as a double, for finite differences through the whole model
+static double model_loss(const Model& M, RunState& S, int T, const TrainMode& mode) {
+    forward_sequence(M, S, T, mode);
+    double s = 0;
+    for (long i = 0; i < (long)T * S.B; i++) s += (double)S.losses[i] * S.weight[i];
+    return s;
+}
+
+TEST_CASE("finite differences through time: every parameter, processor on, joint, full BPTT") {
+    Model M;
+    model_build(M, tiny_config(true));
+    randomize(M, 25, 0.3f);
+    RunState S;
+    int T = tiny_batch(S, M.cfg, true);
+    TrainMode mode;
+    mode.use_proc = true;   // joint (backbone trained), bptt full
+    model_loss(M, S, T, mode);
+    std::vector<int> base_sel = S.undo_sel;
+    backward_sequence(M, S, T, mode);
+    std::vector<float> g = M.grads;
+    bool ok = true;
+    for (auto& p : M.table) {
+        // the loss depends on the selection, which is piecewise constant: eps stays small enough
+        // not to flip it on this example (the check would fail loudly if it did)
+        ok &= fd_check(p.name, [&]() {
+                           double l = model_loss(M, S, T, mode);
+                           return S.undo_sel == base_sel ? l : NAN;   // same selections, else not smooth here
+                       },
+                       {{p.name, M.params.data() + p.offset, p.numel, g.data() + p.offset}}, 1e-2f, 2e-2f);
+    }
+    CHECK(ok);
+}
+
+// =============================================================================================
+// Tasks: the generators checked by an independent evaluator; the splits are disjoint
+// =============================================================================================
+static int eval_op(int a, char op, int d) {   // written again here, not shared with bt.cpp
+    long r = op == '+' ? a + d : op == '-' ? a - d + 10 : (long)a * d;
+    return (int)(r % 10);
+}
+
+// chain: recompute every line from the question
+static bool check_chain(const std::string& text, int n) {
+    auto L = split_lines(text);
+    const std::string& q = L[0];
+    if ((int)q.size() != 2 * n + 1 || (int)L.size() != n + 2) return false;
+    int a = q[0] - '0';
+    for (int i = 0; i < n; i++) {
+        char op = q[1 + 2 * i];
+        int d = q[2 + 2 * i] - '0', r = eval_op(a, op, d);
+        std::string want = std::string(1, '0' + a) + op + std::string(1, '0' + d) + "=" + std::string(1, '0' + r);
+        if (L[1 + i] != want) return false;
+        a = r;
+    }
+    return L.back() == "#" + std::string(1, '0' + a) + "$";
+}
+
+// add: the answer is the integer sum written least-significant digit first
+static bool check_add(const std::string& text, int n) {
+    auto L = split_lines(text);
+    size_t plus = L[0].find('+');
+    std::string a = L[0].substr(0, plus), b = L[0].substr(plus + 1);
+    if ((int)a.size() != n || (int)b.size() != n || (int)L.size() != n + 2) return false;
+    long va = 0, vb = 0;
+    for (int i = n - 1; i >= 0; i--) { va = va * 10 + (a[i] - '0'); vb = vb * 10 + (b[i] - '0'); }
+    std::string sum;
+    for (long s = va + vb; s > 0; s /= 10) sum += (char)('0' + s % 10);
+    while ((int)sum.size() < n) sum += '0';
+    if (L.back() != "#" + sum + "$") return false;
+    int carry = 0;   // and the column lines
+    for (int i = 0; i < n; i++) {
+        int s = (a[i] - '0') + (b[i] - '0') + carry;
+        char buf[32];
+        snprintf(buf, sizeof buf, "%c+%c+%d=%d,%d", a[i], b[i], carry, s % 10, s / 10);
+        if (L[1 + i] != buf) return false;
+        carry = s / 10;
+    }
+    return true;
+}
+
+// var: resolve the question's assignments; the lines must walk the one resolvable chain
+static bool check_var(const std::string& text, int depth) {
+    auto L = split_lines(text);
+    std::map<char, std::string> def;
+    std::stringstream ss(L[0]);
+    std::string as;
+    while (std::getline(ss, as, ';')) def[as[0]] = as.substr(2);
+    std::function<int(char, int)> value = [&](char v, int guard) -> int {
+        if (!def.count(v) || guard > 40) return -1;
+        const std::string& r = def[v];
+        if (r.size() == 1) return r[0] - '0';
+        int u = value(r[0], guard + 1);
+        return u < 0 ? -1 : eval_op(u, r[1], r[2] - '0');
+    };
+    int resolvable = 0;
+    for (auto& kv : def) resolvable += value(kv.first, 0) >= 0;
+    if (resolvable != depth || (int)L.size() != depth + 2) return false;
+    char prev = 0;
+    for (int i = 0; i < depth; i++) {
+        const std::string& line = L[1 + i];
+        char v = line[0];
+        if (!def.count(v) || value(v, 0) < 0) return false;
+        std::string want = std::string(1, v) + "=" + def[v] + (i ? "=" + std::to_string(value(v, 0)) : "");
+        if (line != want || (i && def[v][0] != prev)) return false;
+        prev = v;
+    }
+    return L.back() == "#" + std::to_string(value(prev, 0)) + "$";
+}
+
+TEST_CASE("generators write correct arithmetic (independent evaluator), at every size, both splits") {
+    Rng r(31);
+    int bad = 0, total = 0;
+    for (int task = 0; task < 3; task++)
+        for (int size = TASKS[task].train_lo; size <= TASKS[task].ood_hi; size++)
+            for (int i = 0; i < 40; i++) {
+                std::string t = gen_example((Task)task, r, size, i % 2);
+                bool ok = task == TASK_CHAIN ? check_chain(t, size) : task == TASK_ADD ? check_add(t, size) : check_var(t, size);
+                if (!ok && bad++ < 3) printf("  wrong %s example:\n%s\n", TASKS[task].name, t.c_str());
+                total++;
+            }
+    printf("  %d generated examples checked, %d wrong\n", total, bad);
+    CHECK(bad == 0);
+    // the documented examples themselves
+    CHECK(check_chain("1*4-0+3\n1*4=4\n4-0=4\n4+3=7\n#7$", 3));
+    CHECK(check_add("891+721\n8+7+0=5,1\n9+2+1=2,1\n1+1+1=3,0\n#523$", 3));
+    CHECK(check_var("t=b+0;a=o-2;q=x+7;o=q*4;x=0\nx=0\nq=x+7=7\no=q*4=8\na=o-2=6\n#6$", 4));
+}
+
+TEST_CASE("training and evaluation questions never overlap") {
+    for (int task = 0; task < 3; task++) {
+        int size = TASKS[task].train_lo;   // the smallest size is where collisions would show
+        std::set<std::string> train, eval;
+        Rng r(32);
+        for (int i = 0; i < 3000; i++) train.insert(question_of(gen_example((Task)task, r, size, false)));
+        for (auto& t : eval_set((Task)task, size, 300, 1)) eval.insert(question_of(t));
+        int common = 0;
+        for (auto& q : eval) common += train.count(q);
+        printf("  %s size %d: %zu distinct training questions, %zu evaluation questions, %d in both\n",
+               TASKS[task].name, size, train.size(), eval.size(), common);
+        CHECK(common == 0);
+        CHECK(eval.size() > 10);
+    }
+}
+
+// =============================================================================================
+// Checkpoints and bad input
+// =============================================================================================
+TEST_CASE("checkpoints round-trip exactly, processor and metadata included") {
+    Model M;
+    Config c = tiny_config(true);
+    c.periodic = 8;
+    model_build(M, c);
+    randomize(M, 41, 0.3f);
+    std::string path = "/tmp/bt_test_roundtrip.safetensors";
+    save_model(M, path);
+    Model R;
+    load_model(R, path);
+    CHECK(R.n_params == M.n_params);
+    CHECK(memcmp(R.params.data(), M.params.data(), sizeof(float) * M.n_params) == 0);
+    CHECK(config_meta(R.cfg) == config_meta(M.cfg));
+    CHECK(R.cfg.periodic == 8);
+    remove(path.c_str());
+}
+
+static int error_code(const std::function<void()>& f, std::string* msg = nullptr) {
+    try { f(); } catch (BtError& e) { if (msg) *msg = e.what(); printf("  -> %s\n", e.what()); return e.code; }
+    return 0;
+}
+static void write_bytes(const std::string& path, const std::string& bytes) {
+    FILE* f = fopen(path.c_str(), "wb");
+    fwrite(bytes.data(), 1, bytes.size(), f);
+    fclose(f);
+}
+static std::string read_bytes(const std::string& path) {
+    std::ifstream f(path, std::ios::binary);
+    return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+}
+
+TEST_CASE("bad input gets a clear error (exit code 2), never a crash") {
+    Model M;
+    model_build(M, tiny_config(false));
+    randomize(M, 42, 0.3f);
+    std::string good = "/tmp/bt_test_good.safetensors", bad = "/tmp/bt_test_bad.safetensors";
+    save_model(M, good);
+    std::string bytes = read_bytes(good), msg;
+    Model X;
+    CHECK(error_code([&] { load_model(X, "/tmp/does/not/exist.safetensors"); }) == 2);
+    write_bytes(bad, bytes.substr(0, 5));
+    CHECK(error_code([&] { load_model(X, bad); }) == 2);
+    write_bytes(bad, bytes.substr(0, bytes.size() / 2));   // truncated in the data
+    CHECK(error_code([&] { load_model(X, bad); }, &msg) == 2);
+    std::string huge = bytes;
+    huge[6] = 0x7f;                                       // header length far past the end
+    write_bytes(bad, huge);
+    CHECK(error_code([&] { load_model(X, bad); }) == 2);
+    std::string garbled = bytes;
+    garbled[12] = '!';                                    // broken JSON
+    write_bytes(bad, garbled);
+    CHECK(error_code([&] { load_model(X, bad); }) == 2);
+    // a checkpoint of another config: a tensor of the wrong shape
+    Model Y;
+    Config c2 = tiny_config(false);
+    c2.F = 48;
+    model_build(Y, c2);
+    std::vector<OutTensor> ts;
+    for (auto& p : Y.table) ts.push_back({p.name, p.shape, Y.params.data() + p.offset});
+    write_safetensors(bad, ts, config_meta(M.cfg));
+    CHECK(error_code([&] { load_model(X, bad); }, &msg) == 2);
+    CHECK(msg.find("shape") != std::string::npos);
+    // the command line
+    auto parse = [](std::vector<const char*> argv) {
+        Args a;
+        parse_args(a, (int)argv.size(), (char**)argv.data());
+        return a;
+    };
+    CHECK(error_code([&] { parse({"bt", "train", "--bogus", "1"}); }) == 2);
+    CHECK(error_code([&] { parse({"bt", "train", "--steps"}); }) == 2);
+    CHECK(error_code([&] { parse({"bt", "frobnicate"}); }) == 2);
+    CHECK(error_code([&] { parse({"bt", "train", "--steps", "-5"}).integer("steps", 0, 1000000); }) == 2);
+    CHECK(error_code([&] { Config c = tiny_config(false); c.NH = 3; validate_config(c); }) == 2);
+    CHECK(error_code([&] { Config c = tiny_config(false); c.L = 0; validate_config(c); }) == 2);
+    // characters outside the vocabulary, named with their position
+    CHECK(error_code([&] { tokenize("1*4-0+3\n1*4=4X", "prompt"); }, &msg) == 2);
+    CHECK(msg.find("line 2, column 6") != std::string::npos);
+    write_bytes(bad, "1+2\n#3$\n\n1+2?\n#3$\n");
+    CHECK(error_code([&] { read_examples(bad); }, &msg) == 2);
+    CHECK(msg.find("line 4") != std::string::npos);
+    write_bytes(bad, "1+2\n3\n");
+    CHECK(error_code([&] { read_examples(bad); }) == 2);
+    // longer than the context
+    CHECK(error_code([&] { Decoder D; decoder_init(D, M); generate(D, std::string(200, '1') + "\n"); }) == 2);
+    remove(good.c_str());
+    remove(bad.c_str());
+}
+
+TEST_CASE("results are identical for 1 and 2 threads (three training steps with the processor)") {
+#ifdef _OPENMP
+    std::vector<float> out[2];
+    for (int th = 1; th <= 2; th++) {
+        omp_set_num_threads(th);
+        Model M;
+        model_build(M, tiny_config(true));
+        randomize(M, 43, 0.3f);
+        RunState S;
+        int T = tiny_batch(S, M.cfg, true);
+        TrainMode mode;
+        mode.use_proc = true;
+        OptConfig o;
+        for (int t = 0; t < 3; t++) {
+            std::fill(M.grads.begin(), M.grads.end(), 0.0f);
+            forward_sequence(M, S, T, mode);
+            backward_sequence(M, S, T, mode);
+            optimizer_step(M, o, t, mode);
+        }
+        out[th - 1] = M.params;
+    }
+    omp_set_num_threads(2);
+    CHECK(memcmp(out[0].data(), out[1].data(), sizeof(float) * out[0].size()) == 0);
+#else
+    printf("  built without OpenMP: nothing to compare\n");
+#endif
+}
