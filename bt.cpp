@@ -150,8 +150,8 @@ static void validate_config(const Config& c) {
         BAD_INPUT("heads (%d) must divide d_model (%d) into an even head size (RoPE rotates pairs)", c.NH, c.C);
     if (c.V != VOCAB_SIZE) BAD_INPUT("vocab_size is %d, bt's vocabulary has %d tokens", c.V, VOCAB_SIZE);
     if (c.dp > 0) {
-        if (c.np <= 0 || c.nhp <= 0 || c.fp <= 0 || c.k < 0 || c.periodic < 0)
-            BAD_INPUT("processor sizes must be positive (width %d, layers %d, heads %d, ffn %d, k %d)", c.dp, c.np,
+        if (c.np <= 0 || c.nhp <= 0 || c.fp <= 0 || c.k < 0 || c.k > 64 || c.periodic < 0)
+            BAD_INPUT("processor sizes must be positive, k at most 64 (width %d, layers %d, heads %d, ffn %d, k %d)", c.dp, c.np,
                       c.nhp, c.fp, c.k);
         if (c.dp % c.nhp != 0 || (c.dp / c.nhp) % 2 != 0)
             BAD_INPUT("processor heads (%d) must divide the processor width (%d) into an even head size", c.nhp, c.dp);
@@ -921,6 +921,7 @@ static std::string gen_add(Rng& r, int n) {
 // variable is never defined. 2 distractors up to depth 7, 4 beyond (the OOD sizes).
 static std::string gen_var(Rng& r, int depth) {
     int nd = depth <= 7 ? 2 : 4;
+    if (depth + 2 * nd > 26) BAD_INPUT("var depth %d needs more than the 26 letters (at most 18)", depth);
     std::string letters = "abcdefghijklmnopqrstuvwxyz";
     for (int i = 25; i > 0; i--) std::swap(letters[i], letters[r.randint(0, i)]);
     std::vector<std::string> assigns;
@@ -1214,16 +1215,29 @@ static void eval_one(EvalResult& R, const std::string& want, const std::string& 
 static EvalResult evaluate(const Model& M, const std::vector<std::string>& texts) {
     int n = (int)texts.size();
     std::vector<std::string> outs(n);
+    std::string error;   // an exception may not leave an OpenMP region: keep the first, rethrow after
+    int error_code = 0;
     #pragma omp parallel
     {
-        Decoder D;
-        decoder_init(D, M);
-        #pragma omp for schedule(dynamic)
-        for (int i = 0; i < n; i++) {
-            std::string q = question_of(texts[i]);
-            outs[i] = generate(D, q + "\n");
+        try {
+            Decoder D;
+            decoder_init(D, M);
+            #pragma omp for schedule(dynamic)
+            for (int i = 0; i < n; i++) {
+                if (error_code) continue;
+                try {
+                    outs[i] = generate(D, question_of(texts[i]) + "\n");
+                } catch (BtError& e) {
+                    #pragma omp critical
+                    if (!error_code) { error_code = e.code; error = e.what(); }
+                }
+            }
+        } catch (std::exception& e) {
+            #pragma omp critical
+            if (!error_code) { error_code = 1; error = e.what(); }
         }
     }
+    if (error_code) throw BtError(error_code, error);
     EvalResult R;
     for (int i = 0; i < n; i++) eval_one(R, texts[i].substr(texts[i].find('\n') + 1), outs[i]);
     return R;
@@ -1377,7 +1391,8 @@ static SafeFile read_safetensors(const std::string& path) {
             numel *= (uint64_t)d.num;
         }
         double b0 = of->arr[0].num, b1 = of->arr[1].num;
-        if (of->arr[0].kind != Json::NUM || of->arr[1].kind != Json::NUM || b0 < 0 || b1 < b0 || b1 > (double)data_len)
+        if (of->arr[0].kind != Json::NUM || of->arr[1].kind != Json::NUM || !(b0 >= 0) || !(b1 >= b0) ||
+            !(b1 <= (double)data_len) || b0 != (double)(uint64_t)b0 || b1 != (double)(uint64_t)b1)
             BAD_INPUT("%s: tensor '%s' has data_offsets [%.0f, %.0f] outside the %zu data bytes", path.c_str(),
                       name.c_str(), b0, b1, data_len);
         if ((uint64_t)(b1 - b0) != numel * 4)
@@ -1444,18 +1459,23 @@ static void write_safetensors(const std::string& path, std::vector<OutTensor> ts
     if (!ok || rename(tmp.c_str(), path.c_str()) != 0) INTERNAL("%s: write failed (disk full?)", path.c_str());
 }
 
-// ---- model config <-> metadata
+// ---- model config <-> metadata: one table of the integer keys, with the ranges a loader accepts
+struct ConfigKey { const char* key; int Config::*field; int lo, hi; bool proc; };
+static const ConfigKey CONFIG_KEYS[] = {
+    {"vocab_size", &Config::V, 1, 1 << 16, false},    {"d_model", &Config::C, 2, 1 << 14, false},
+    {"n_layers", &Config::L, 1, 256, false},          {"n_heads", &Config::NH, 1, 1024, false},
+    {"ffn_hidden", &Config::F, 1, 1 << 16, false},    {"max_seq_len", &Config::T, 2, 1 << 15, false},
+    {"proc_width", &Config::dp, 1, 1 << 14, true},    {"proc_layers", &Config::np, 1, 64, true},
+    {"proc_heads", &Config::nhp, 1, 1024, true},      {"proc_ffn_hidden", &Config::fp, 1, 1 << 16, true},
+    {"k", &Config::k, 0, 64, true},
+};
+
 static std::map<std::string, std::string> config_meta(const Config& c) {
-    std::map<std::string, std::string> m = {
-        {"format", "bt"}, {"vocab_size", std::to_string(c.V)}, {"d_model", std::to_string(c.C)},
-        {"n_layers", std::to_string(c.L)}, {"n_heads", std::to_string(c.NH)}, {"ffn_hidden", std::to_string(c.F)},
-        {"max_seq_len", std::to_string(c.T)}, {"rope_theta", strf("%g", c.theta)}, {"norm_eps", strf("%g", c.eps)}};
-    if (c.dp > 0) {
-        m["proc_width"] = std::to_string(c.dp); m["proc_layers"] = std::to_string(c.np);
-        m["proc_heads"] = std::to_string(c.nhp); m["proc_ffn_hidden"] = std::to_string(c.fp);
-        m["k"] = std::to_string(c.k);
-        m["schedule"] = c.periodic ? strf("periodic:%d", c.periodic) : "newline";
-    }
+    std::map<std::string, std::string> m = {{"format", "bt"}, {"rope_theta", strf("%g", c.theta)},
+                                            {"norm_eps", strf("%g", c.eps)}};
+    for (auto& k : CONFIG_KEYS)
+        if (!k.proc || c.dp > 0) m[k.key] = std::to_string(c.*k.field);
+    if (c.dp > 0) m["schedule"] = c.periodic ? strf("periodic:%d", c.periodic) : "newline";
     return m;
 }
 
@@ -1470,29 +1490,27 @@ static int parse_schedule(const std::string& s) {   // 0 for newline, N for peri
 }
 
 static Config config_from_meta(const std::map<std::string, std::string>& m, const std::string& path) {
-    auto num = [&](const char* k, bool required, double def) -> double {
+    auto num = [&](const char* k, double lo, double hi) -> double {
         auto it = m.find(k);
-        if (it == m.end()) {
-            if (required) BAD_INPUT("%s: metadata has no '%s': not a bt checkpoint?", path.c_str(), k);
-            return def;
-        }
+        if (it == m.end()) BAD_INPUT("%s: metadata has no '%s': not a bt checkpoint?", path.c_str(), k);
         char* end;
         double v = strtod(it->second.c_str(), &end);
-        if (*end != 0 || it->second.empty()) BAD_INPUT("%s: metadata '%s' = '%s' is not a number", path.c_str(), k, it->second.c_str());
+        if (*end != 0 || it->second.empty() || !(v >= lo && v <= hi))
+            BAD_INPUT("%s: metadata '%s' = '%s' is not a number in [%g, %g]", path.c_str(), k, it->second.c_str(), lo, hi);
         return v;
     };
     Config c;
-    c.V = (int)num("vocab_size", true, 0); c.C = (int)num("d_model", true, 0); c.L = (int)num("n_layers", true, 0);
-    c.NH = (int)num("n_heads", true, 0); c.F = (int)num("ffn_hidden", true, 0);
-    c.T = (int)num("max_seq_len", false, 256);
-    c.theta = (float)num("rope_theta", false, 10000); c.eps = (float)num("norm_eps", false, 1e-5);
-    c.dp = (int)num("proc_width", false, 0);
-    if (c.dp > 0) {
-        c.np = (int)num("proc_layers", true, 1); c.nhp = (int)num("proc_heads", true, 4);
-        c.fp = (int)num("proc_ffn_hidden", true, 0); c.k = (int)num("k", true, 4);
-        auto it = m.find("schedule");
-        c.periodic = it == m.end() ? 0 : parse_schedule(it->second);
-    }
+    bool proc = m.count("proc_width") > 0;
+    for (auto& k : CONFIG_KEYS)
+        if (!k.proc || proc) {
+            double v = num(k.key, k.lo, k.hi);
+            if (v != (int)v) BAD_INPUT("%s: metadata '%s' must be a whole number", path.c_str(), k.key);
+            c.*k.field = (int)v;
+        }
+    c.theta = (float)num("rope_theta", 1, 1e9);
+    c.eps = (float)num("norm_eps", 0, 1);
+    if (!proc) c.dp = 0;
+    else c.periodic = m.count("schedule") ? parse_schedule(m.at("schedule")) : 0;
     try { validate_config(c); } catch (BtError& e) { BAD_INPUT("%s: %s", path.c_str(), e.what()); }
     return c;
 }
@@ -1597,7 +1615,7 @@ struct Args {
         char* end;
         const std::string& s = v.at(k);
         double x = strtod(s.c_str(), &end);
-        if (s.empty() || *end != 0) BAD_INPUT("--%s '%s' is not a number (try bt %s --help)", k.c_str(), s.c_str(), cmd.c_str());
+        if (s.empty() || *end != 0 || std::isnan(x)) BAD_INPUT("--%s '%s' is not a number (try bt %s --help)", k.c_str(), s.c_str(), cmd.c_str());
         if (x < lo || x > hi) BAD_INPUT("--%s %s is out of range [%g, %g] (try bt %s --help)", k.c_str(), s.c_str(), lo, hi, cmd.c_str());
         return x;
     }
@@ -1694,6 +1712,8 @@ static void cmd_train(const Args& a) {
     Config c;
     SafeFile init;
     if (a.has("init")) {
+        for (const char* f : {"d-model", "layers", "heads", "ffn", "max-seq-len"})
+            if (a.has(f)) BAD_INPUT("--%s cannot change a model that comes from --init", f);
         init = read_safetensors(a.str("init"));
         c = config_from_meta(init.meta, a.str("init"));
     } else {
@@ -1701,12 +1721,19 @@ static void cmd_train(const Args& a) {
         c.F = a.integer("ffn", 0, 1 << 20); if (c.F == 0) c.F = 3 * c.C;
         c.T = a.integer("max-seq-len", 2, 1 << 16);
     }
+    const char* proc_flags[] = {"proc-width", "proc-layers", "proc-heads", "proc-ffn", "k", "schedule", "bptt", "joint"};
     if (is_bt) {
-        c.dp = a.integer("proc-width", 0, 1 << 16); if (c.dp == 0) c.dp = c.C / 2;
-        c.np = a.integer("proc-layers", 1, 1000); c.nhp = a.integer("proc-heads", 1, 1 << 16);
-        c.fp = a.integer("proc-ffn", 0, 1 << 20); if (c.fp == 0) c.fp = 3 * c.dp;
-        c.k = a.integer("k", 0, 64); c.periodic = parse_schedule(a.str("schedule"));
+        // processor settings: the flags, else those of an --init that already has a processor
+        bool keep = c.dp > 0;
+        if (!keep || a.has("proc-width")) { c.dp = a.integer("proc-width", 0, 1 << 14); if (c.dp == 0) c.dp = c.C / 2; }
+        if (!keep || a.has("proc-layers")) c.np = a.integer("proc-layers", 1, 64);
+        if (!keep || a.has("proc-heads")) c.nhp = a.integer("proc-heads", 1, 1024);
+        if (!keep || a.has("proc-ffn")) { c.fp = a.integer("proc-ffn", 0, 1 << 16); if (c.fp == 0) c.fp = 3 * c.dp; }
+        if (!keep || a.has("k")) c.k = a.integer("k", 0, 64);
+        if (!keep || a.has("schedule")) c.periodic = parse_schedule(a.str("schedule"));
     } else {
+        for (const char* f : proc_flags)
+            if (a.has(f)) BAD_INPUT("--%s is a processor flag: it needs --model bt", f);
         c.dp = 0;
     }
     std::string bptt = a.str("bptt");
@@ -1752,6 +1779,7 @@ static void cmd_train(const Args& a) {
            a.has("init") ? (", init " + a.str("init")).c_str() : "");
     fflush(stdout);
 
+    std::string task_name = a.has("data") ? "file" : a.str("task");
     double t_start = now_seconds();
     long tokens_seen = 0;
     for (int step = 0; step < o.steps; step++) {
@@ -1771,18 +1799,20 @@ static void cmd_train(const Args& a) {
                    fmt_time(el / (step + 1) * (o.steps - step - 1)).c_str());
             fflush(stdout);
         }
-        if (save_every > 0 && (step + 1) % save_every == 0) save_model(M, a.str("out"));
+        if (save_every > 0 && (step + 1) % save_every == 0) save_model(M, a.str("out"), {{"task", task_name}});
     }
-    save_model(M, a.str("out"), {{"task", a.has("data") ? "file" : a.str("task")}});
+    save_model(M, a.str("out"), {{"task", task_name}});
     printf("wrote %s (%ld params) after %d steps in %s\n", a.str("out").c_str(), M.n_params, o.steps,
            fmt_time(now_seconds() - t_start).c_str());
 }
 
 // ---- bt eval
-static void parse_sizes(const std::string& s, int* lo, int* hi) {
-    if (sscanf(s.c_str(), "%d..%d", lo, hi) == 2 && *lo >= 1 && *hi >= *lo && *hi <= 64) return;
-    if (sscanf(s.c_str(), "%d", lo) == 1 && *lo >= 1 && *lo <= 64 && s.find("..") == std::string::npos) { *hi = *lo; return; }
-    BAD_INPUT("--sizes '%s' should look like 2..8 (or one size, 5)", s.c_str());
+static void parse_sizes(const std::string& s, int* lo, int* hi, int max) {
+    int used = 0;
+    if (sscanf(s.c_str(), "%d..%d%n", lo, hi, &used) == 2 && used == (int)s.size() && *lo >= 1 && *hi >= *lo && *hi <= max)
+        return;
+    if (sscanf(s.c_str(), "%d%n", lo, &used) == 1 && used == (int)s.size() && *lo >= 1 && *lo <= max) { *hi = *lo; return; }
+    BAD_INPUT("--sizes '%s' should look like 2..8 (or one size, 5), sizes 1..%d", s.c_str(), max);
 }
 
 static void print_eval_row(const std::string& label, const EvalResult& R) {
@@ -1822,15 +1852,16 @@ static void cmd_eval(const Args& a) {
     Task task = parse_task(a.str("task"));
     const TaskInfo& ti = TASKS[task];
     int lo = ti.train_lo, hi = ti.ood_hi;
-    if (a.has("sizes")) parse_sizes(a.str("sizes"), &lo, &hi);
+    if (a.has("sizes")) parse_sizes(a.str("sizes"), &lo, &hi, task == TASK_VAR ? 18 : 64);
     EvalResult id, ood;
     for (int s = lo; s <= hi; s++) {
         EvalResult r = evaluate(M, eval_set(task, s, n, seed));
         print_eval_row(std::to_string(s), r);
-        add_result(s <= ti.train_hi ? id : ood, r);
+        if (s >= ti.train_lo && s <= ti.train_hi) add_result(id, r);
+        if (s >= ti.ood_lo && s <= ti.ood_hi) add_result(ood, r);
     }
     if (id.n) print_eval_row(strf("ID %d..%d", std::max(lo, ti.train_lo), std::min(hi, ti.train_hi)), id);
-    if (ood.n) print_eval_row(strf("OOD %d..%d", std::max(lo, ti.ood_lo), hi), ood);
+    if (ood.n) print_eval_row(strf("OOD %d..%d", std::max(lo, ti.ood_lo), std::min(hi, ti.ood_hi)), ood);
     for (auto& m : id.mistakes) printf("  ID  e.g. %s\n", m.c_str());
     for (auto& m : ood.mistakes) printf("  OOD e.g. %s\n", m.c_str());
     printf("(%s)\n", fmt_time(now_seconds() - t0).c_str());

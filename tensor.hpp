@@ -95,23 +95,24 @@ inline void matmul_backward_naive(float* dinp, float* dW, const float* dout, con
 
 // ---- the fast path: all three products are one row-major kernel, C (+)= A Bm,
 //   C (M,Nc), A (M,K), Bm (K,Nc)
-// computed on tiles of 4 rows x 16 columns held in registers: the innermost loop runs over 16
-// contiguous columns of Bm, which the compiler vectorises (a dot product over k would be a float
-// reduction, which it may not reorder without -ffast-math). Each output is still summed in k
-// order from zero, then stored (or added, for the gradients).
-static const int MM_TR = 4, MM_TC = 16;
+// computed on tiles of 6 rows x 16 columns held in registers (12 AVX2 accumulators): the
+// innermost loop runs over 16 contiguous columns of Bm, which the compiler vectorises (a dot
+// product over k would be a float reduction, which it may not reorder without -ffast-math).
+// Each output is still summed in k order from zero, then stored (or added, for the gradients).
+static const int MM_TR = 6, MM_TC = 16;
 
 inline void gemm_tile(float* C, int ldc, const float* A, int lda, const float* Bm, int ldb, int K, int add) {
-    float a0[MM_TC] = {}, a1[MM_TC] = {}, a2[MM_TC] = {}, a3[MM_TC] = {};
-    const float *x0 = A, *x1 = A + lda, *x2 = A + 2L * lda, *x3 = A + 3L * lda;
+    float a0[MM_TC] = {}, a1[MM_TC] = {}, a2[MM_TC] = {}, a3[MM_TC] = {}, a4[MM_TC] = {}, a5[MM_TC] = {};
     for (int k = 0; k < K; k++) {
         const float* w = Bm + (long)k * ldb;
-        float b0 = x0[k], b1 = x1[k], b2 = x2[k], b3 = x3[k];
+        float b0 = A[k], b1 = A[lda + k], b2 = A[2L * lda + k], b3 = A[3L * lda + k], b4 = A[4L * lda + k],
+              b5 = A[5L * lda + k];
         for (int j = 0; j < MM_TC; j++) {
-            a0[j] += b0 * w[j]; a1[j] += b1 * w[j]; a2[j] += b2 * w[j]; a3[j] += b3 * w[j];
+            a0[j] += b0 * w[j]; a1[j] += b1 * w[j]; a2[j] += b2 * w[j];
+            a3[j] += b3 * w[j]; a4[j] += b4 * w[j]; a5[j] += b5 * w[j];
         }
     }
-    float* acc[MM_TR] = {a0, a1, a2, a3};
+    float* acc[MM_TR] = {a0, a1, a2, a3, a4, a5};
     for (int i = 0; i < MM_TR; i++)
         for (int j = 0; j < MM_TC; j++) C[(long)i * ldc + j] = (add ? C[(long)i * ldc + j] : 0.0f) + acc[i][j];
 }
@@ -255,6 +256,19 @@ inline void rope_backward(float* dinp, const float* dout, const int* pos, int N,
 }
 
 // ----------------------------------------------------------------------------------------------
+// dot(x, y) over n floats, in 8 interleaved partial sums so the compiler can vectorise it (the
+// order is fixed, so the result is still deterministic).
+inline float dot8(const float* x, const float* y, int n) {
+    float p[8] = {};
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int u = 0; u < 8; u++) p[u] += x[i + u] * y[i + u];
+    float s = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
+    for (; i < n; i++) s += x[i] * y[i];
+    return s;
+}
+
+// ----------------------------------------------------------------------------------------------
 // Multi-head attention over a set of keys (the KV cache, or the processor's own tokens).
 // Time-major rows: query i of example b is row i*B + b; key j of example b is row j*B + b.
 // Query i sits at absolute position q0 + i. If causal, it sees keys j <= q0 + i, else all Tk keys.
@@ -276,10 +290,7 @@ inline void attention_forward(float* out, float* att, const float* q, const floa
                 // scores and their max
                 float mx = -INFINITY;
                 for (int j = 0; j < nk; j++) {
-                    const float* kj = k + ((long)j * B + b) * C + h * HS;
-                    float s = 0.0f;
-                    for (int d = 0; d < HS; d++) s += qi[d] * kj[d];
-                    a[j] = s * scale;
+                    a[j] = dot8(qi, k + ((long)j * B + b) * C + h * HS, HS) * scale;
                     if (a[j] > mx) mx = a[j];
                 }
                 // softmax
@@ -307,34 +318,35 @@ inline void attention_backward(float* dq, float* dk, float* dv, const float* dou
                                int Tq, int Tk, int ld, int q0, int causal, int B, int NH, int HS) {
     int C = NH * HS;
     float scale = 1.0f / sqrtf((float)HS);
-    #pragma omp parallel for collapse(2)
-    for (int b = 0; b < B; b++)
-        for (int h = 0; h < NH; h++)
-            for (int i = 0; i < Tq; i++) {
-                int nk = causal ? q0 + i + 1 : Tk;
-                long ro = ((long)i * B + b) * C + h * HS;
-                const float* a = att + (((long)i * B + b) * NH + h) * ld;
-                const float* go = dout + ro;
-                // sum_j a_j da_j
-                float adot = 0.0f;
-                for (int j = 0; j < nk; j++) {
-                    const float* vj = v + ((long)j * B + b) * C + h * HS;
-                    float da = 0.0f;
-                    for (int d = 0; d < HS; d++) da += go[d] * vj[d];
-                    adot += a[j] * da;
-                }
-                for (int j = 0; j < nk; j++) {
-                    long rj = ((long)j * B + b) * C + h * HS;
-                    float da = 0.0f;
-                    for (int d = 0; d < HS; d++) da += go[d] * v[rj + d];
-                    float ds = a[j] * (da - adot) * scale;
-                    for (int d = 0; d < HS; d++) {
-                        dq[ro + d] += ds * k[rj + d];
-                        dk[rj + d] += ds * q[ro + d];
-                        dv[rj + d] += a[j] * go[d];
+    #pragma omp parallel
+    {
+        thread_local std::vector<float> da;   // (Tk) da_j of the current query
+        if ((int)da.size() < Tk) da.resize(Tk);
+        #pragma omp for collapse(2)
+        for (int b = 0; b < B; b++)
+            for (int h = 0; h < NH; h++)
+                for (int i = 0; i < Tq; i++) {
+                    int nk = causal ? q0 + i + 1 : Tk;
+                    long ro = ((long)i * B + b) * C + h * HS;
+                    const float* a = att + (((long)i * B + b) * NH + h) * ld;
+                    const float* go = dout + ro;
+                    // da_j = dout . v_j  and  sum_j a_j da_j
+                    float adot = 0.0f;
+                    for (int j = 0; j < nk; j++) {
+                        da[j] = dot8(go, v + ((long)j * B + b) * C + h * HS, HS);
+                        adot += a[j] * da[j];
+                    }
+                    for (int j = 0; j < nk; j++) {
+                        long rj = ((long)j * B + b) * C + h * HS;
+                        float ds = a[j] * (da[j] - adot) * scale;
+                        for (int d = 0; d < HS; d++) {
+                            dq[ro + d] += ds * k[rj + d];
+                            dk[rj + d] += ds * q[ro + d];
+                            dv[rj + d] += a[j] * go[d];
+                        }
                     }
                 }
-            }
+    }
 }
 
 // ----------------------------------------------------------------------------------------------

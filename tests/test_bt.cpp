@@ -21,7 +21,6 @@ static bool check_tensor(const std::string& label, const float* got, const float
     for (long i = 0; i < n; i++) {
         double d = fabs((double)got[i] - want[i]);
         double tol = atol + rtol * fabs((double)want[i]);
-        if (!(d <= tol) && !(std::isnan(d) && false)) { /* counted below */ }
         if (d / tol > used || std::isnan(d)) { used = std::isnan(d) ? INFINITY : d / tol; worst = i; }
         max_abs = std::max(max_abs, d);
         if (fabs(want[i]) > 1e-12) max_rel = std::max(max_rel, d / fabs(want[i]));
@@ -695,9 +694,22 @@ TEST_CASE("bad input gets a clear error (exit code 2), never a crash") {
     write_bytes(bad, huge);
     CHECK(error_code([&] { load_model(X, bad); }) == 2);
     std::string garbled = bytes;
-    garbled[12] = '!';                                    // broken JSON
+    garbled[8] = '\x01';                                  // broken JSON: the header's first '{'
     write_bytes(bad, garbled);
-    CHECK(error_code([&] { load_model(X, bad); }) == 2);
+    CHECK(error_code([&] { load_model(X, bad); }, &msg) == 2);
+    CHECK(msg.find("bad JSON") != std::string::npos);
+    garbled = bytes;
+    garbled[bytes.find("F32")] = 'I';                     // a dtype bt does not read ("I32")
+    write_bytes(bad, garbled);
+    CHECK(error_code([&] { load_model(X, bad); }, &msg) == 2);
+    CHECK(msg.find("dtype") != std::string::npos);
+    std::string meta = bytes;                             // config metadata out of range
+    size_t at = meta.find("\"n_layers\":\"2\"");
+    REQUIRE(at != std::string::npos);
+    meta[at + 12] = '0';
+    write_bytes(bad, meta);
+    CHECK(error_code([&] { load_model(X, bad); }, &msg) == 2);
+    CHECK(msg.find("n_layers") != std::string::npos);
     // a checkpoint of another config: a tensor of the wrong shape
     Model Y;
     Config c2 = tiny_config(false);
@@ -728,8 +740,10 @@ TEST_CASE("bad input gets a clear error (exit code 2), never a crash") {
     CHECK(msg.find("line 4") != std::string::npos);
     write_bytes(bad, "1+2\n3\n");
     CHECK(error_code([&] { read_examples(bad); }) == 2);
-    // longer than the context
+    // longer than the context, also from inside the parallel evaluation loop (no abort)
     CHECK(error_code([&] { Decoder D; decoder_init(D, M); generate(D, std::string(200, '1') + "\n"); }) == 2);
+    CHECK(error_code([&] { evaluate(M, {"1+2\n#3$", std::string(200, '1') + "\n#1$"}); }) == 2);
+    CHECK(error_code([&] { Rng r(1); gen_var(r, 19); }) == 2);   // more variables than letters
     remove(good.c_str());
     remove(bad.c_str());
 }
