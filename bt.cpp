@@ -1588,7 +1588,7 @@ static const FlagSpec FLAGS[] = {
     {"schedule", "newline", "newline | periodic:N (rewrite the whole cache every N tokens)"},
     {"bptt", "full", "full (exact gradient through every rewrite) | step (truncate at each boundary)"},
     {"joint", "", "train backbone and processor together (from scratch without --init)"},
-    {"log-every", "10", "print a progress line every N steps"},
+    {"log-every", "50", "print a progress line every N steps"},
     {"save-every", "0", "also write the checkpoint every N steps (0: only at the end)"},
     {"sizes", "", "problem sizes to evaluate, A..B (default: training and OOD ranges)"},
     {"n", "100", "evaluation examples per size"},

@@ -376,6 +376,10 @@ static void randomize(Model& M, uint64_t seed, float scale) {
             x = p.kind == 1 ? 1.0f + 0.1f * r.normal() : p.kind == 3 ? -1.0f : scale * r.normal();
         }
 }
+static void tiny_model(Model& M, bool proc, uint64_t seed) {
+    model_build(M, tiny_config(proc));
+    randomize(M, seed, 0.3f);
+}
 // two chain examples of the same layout (3 operations: 5 segments, 4 boundaries)
 static int tiny_batch(RunState& S, const Config& c, bool train, uint64_t seed = 5) {
     Rng r(seed);
@@ -386,8 +390,7 @@ static int tiny_batch(RunState& S, const Config& c, bool train, uint64_t seed = 
 
 TEST_CASE("the segment loop with the processor off equals one full causal pass (logits and gradients)") {
     Model M;
-    model_build(M, tiny_config(false));
-    randomize(M, 21, 0.3f);
+    tiny_model(M, false, 21);
     RunState S;
     int T = tiny_batch(S, M.cfg, true);
     TrainMode full, seg;
@@ -424,11 +427,11 @@ static std::vector<float> seq_logits(const RunState& S, int T, int b, int V) {
     return out;
 }
 
-TEST_CASE("incremental decoding with the KV cache gives the full pass's logits (backbone, and with the processor)") {
-    for (int proc = 0; proc < 2; proc++) {
+TEST_CASE("incremental decoding with the KV cache gives the full pass's logits (backbone; processor newline, periodic:5)") {
+    for (int proc = 0; proc < 3; proc++) {
         Model M;
-        model_build(M, tiny_config(proc));
-        randomize(M, 22, 0.3f);
+        tiny_model(M, proc > 0, 22);
+        if (proc == 2) M.cfg.periodic = 5;
         RunState S;
         int T = tiny_batch(S, M.cfg, false);
         TrainMode mode;
@@ -436,7 +439,7 @@ TEST_CASE("incremental decoding with the KV cache gives the full pass's logits (
         forward_sequence(M, S, T, mode);   // the path bt score uses
         for (int b = 0; b < S.B; b++) {
             auto want = seq_logits(S, T, b, M.cfg.V), got = decode_logits(M, S, T, b);
-            CHECK(check_tensor(strf("decode vs %s, sequence %d", proc ? "score (processor on)" : "full pass", b),
+            CHECK(check_tensor(strf("decode vs %s, sequence %d", proc == 2 ? "score (periodic:5)" : proc ? "score (processor on)" : "full pass", b),
                                got.data(), want.data(), want.size(), 1e-4f));
         }
     }
@@ -460,8 +463,7 @@ TEST_CASE("a freshly initialised processor (W_out = 0) leaves the logits bit-ide
 
 TEST_CASE("the undo log restores the cache bitwise at every boundary of the backward walk") {
     Model M;
-    model_build(M, tiny_config(true));
-    randomize(M, 24, 0.3f);
+    tiny_model(M, true, 24);
     RunState S;
     int T = tiny_batch(S, M.cfg, true);
     const Config& c = M.cfg;
@@ -508,8 +510,7 @@ static double model_loss(const Model& M, RunState& S, int T, const TrainMode& mo
 
 TEST_CASE("finite differences through time: every parameter, processor on, joint, full BPTT") {
     Model M;
-    model_build(M, tiny_config(true));
-    randomize(M, 25, 0.3f);
+    tiny_model(M, true, 25);
     RunState S;
     int T = tiny_batch(S, M.cfg, true);
     TrainMode mode;
@@ -678,8 +679,7 @@ static std::string read_bytes(const std::string& path) {
 
 TEST_CASE("bad input gets a clear error (exit code 2), never a crash") {
     Model M;
-    model_build(M, tiny_config(false));
-    randomize(M, 42, 0.3f);
+    tiny_model(M, false, 42);
     std::string good = "/tmp/bt_test_good.safetensors", bad = "/tmp/bt_test_bad.safetensors";
     save_model(M, good);
     std::string bytes = read_bytes(good), msg;
@@ -754,8 +754,7 @@ TEST_CASE("results are identical for 1 and 2 threads (three training steps with 
     for (int th = 1; th <= 2; th++) {
         omp_set_num_threads(th);
         Model M;
-        model_build(M, tiny_config(true));
-        randomize(M, 43, 0.3f);
+        tiny_model(M, true, 43);
         RunState S;
         int T = tiny_batch(S, M.cfg, true);
         TrainMode mode;
@@ -774,4 +773,94 @@ TEST_CASE("results are identical for 1 and 2 threads (three training steps with 
 #else
     printf("  built without OpenMP: nothing to compare\n");
 #endif
+}
+
+// =============================================================================================
+// The four steps of the bottleneck step, each on its own
+// =============================================================================================
+TEST_CASE("select: top-k by mean attention mass, ties to the smaller position (against a sort)") {
+    Rng r(51);
+    int B = 3, NH = 2, T = 12, s = 7, e = 10, k = 3;
+    std::vector<float> att((long)T * B * NH * T, 0.0f), scores((long)B * T);
+    for (auto& x : att) x = r.uniform();
+    for (int b = 0; b < B; b++)   // sequence 2: every score equal, so ties decide
+        for (int t = 0; t < T; t++)
+            for (int h = 0; h < NH; h++)
+                for (int p = 0; p < T; p++) att[(((long)t * B + 2) * NH + h) * T + p] = 0.25f;
+    std::vector<int> sel((long)(T + k) * B);
+    int nS = select_forward(sel.data(), scores.data(), att.data(), s, e, B, NH, T, k, 0);
+    CHECK(nS == k + e - s);
+    for (int b = 0; b < B; b++) {
+        std::vector<std::pair<double, int>> order;   // (-score, position): a plain sort
+        for (int p = 0; p < s; p++) {
+            double sc = 0;
+            for (int t = s; t < e; t++)
+                for (int h = 0; h < NH; h++) sc += att[(((long)t * B + b) * NH + h) * T + p];
+            order.push_back({-sc, p});
+        }
+        std::sort(order.begin(), order.end());
+        std::vector<int> want;
+        for (int i = 0; i < k; i++) want.push_back(order[i].second);
+        std::sort(want.begin(), want.end());
+        for (int t = s; t < e; t++) want.push_back(t);
+        std::vector<int> got;
+        for (int n = 0; n < nS; n++) got.push_back(sel[(long)n * B + b]);
+        CHECK(got == want);
+    }
+    CHECK(sel[0 * B + 2] == 0);   // the tie case took positions 0, 1, 2
+    CHECK(sel[2 * B + 2] == 2);
+    // fewer older positions than k: take them all; periodic: the whole cache
+    CHECK(select_forward(sel.data(), scores.data(), att.data(), 2, 5, B, NH, T, k, 0) == 2 + 3);
+    CHECK(select_forward(sel.data(), scores.data(), att.data(), 8, 12, B, NH, T, k, 1) == 12);
+}
+
+TEST_CASE("finite differences: gather, transform and write back, each on its own") {
+    Rng r(52);
+    Model M;
+    tiny_model(M, true, 53);
+    const Config& c = M.cfg;
+    int B = 2, T = 9, nS = 4;
+    std::vector<int> sel = {1, 0, 3, 2, 5, 6, 8, 7};   // (nS,B): distinct positions per sequence
+    {   // gather: u = [K[sel] | V[sel]]
+        auto K = randv(r, (long)T * B * c.C), V = randv(r, (long)T * B * c.C), rr = randv(r, (long)nS * B * 2 * c.C);
+        std::vector<float> u(rr.size()), dK(K.size(), 0.0f), dV(V.size(), 0.0f);
+        gather_backward(dK.data(), dV.data(), rr.data(), sel.data(), nS, B, c.C);
+        auto loss = [&]() { gather_forward(u.data(), K.data(), V.data(), sel.data(), nS, B, c.C); return dotd(rr, u.data()); };
+        CHECK(fd_check("gather", loss, {{"K", K.data(), (long)K.size(), dK.data()}, {"V", V.data(), (long)V.size(), dV.data()}}));
+    }
+    {   // transform: delta = W_out RMSNorm(Blocks(W_in u)), every weight of layer 0's processor
+        RunState S;
+        run_state_build(S, c, T, B, true);
+        ProcActs& p = S.pa;
+        memcpy(p.sel, sel.data(), sizeof(int) * sel.size());
+        auto u0 = randv(r, (long)nS * B * 2 * c.C), rr = randv(r, (long)nS * B * 2 * c.C);
+        auto loss = [&]() {
+            memcpy(p.u, u0.data(), sizeof(float) * u0.size());
+            transform_forward(p, M.w.proc[0], c, nS, B);
+            return dotd(rr, p.delta);
+        };
+        loss();
+        std::fill(M.grads.begin(), M.grads.end(), 0.0f);
+        std::vector<float> du(u0.size(), 0.0f);
+        memcpy(p.ddelta, rr.data(), sizeof(float) * rr.size());
+        transform_backward(du.data(), M.g.proc[0], S, M.w.proc[0], c, nS, B);
+        std::vector<FdInput> ins = {{"u", u0.data(), (long)u0.size(), du.data()}};
+        for (auto& pi : M.table)
+            if (pi.name.rfind("proc.0.", 0) == 0 && pi.name != "proc.0.gate")
+                ins.push_back({pi.name, M.params.data() + pi.offset, pi.numel, M.grads.data() + pi.offset});
+        CHECK(fd_check("transform", loss, ins));
+    }
+    {   // write back: K[sel] += sigmoid(g) delta[:C], V[sel] += sigmoid(g) delta[C:]
+        auto K0 = randv(r, (long)T * B * c.C), V0 = randv(r, (long)T * B * c.C), delta = randv(r, (long)nS * B * 2 * c.C);
+        auto rK = randv(r, K0.size()), rV = randv(r, V0.size());
+        float gate = 0.3f, dgate = 0.0f;
+        std::vector<float> K, V, ddelta(delta.size());
+        auto loss = [&]() {
+            K = K0; V = V0;
+            write_back_forward(K.data(), V.data(), delta.data(), &gate, sel.data(), nS, B, c.C);
+            return dotd(rK, K.data()) + dotd(rV, V.data());
+        };
+        write_back_backward(ddelta.data(), &dgate, rK.data(), rV.data(), delta.data(), &gate, sel.data(), nS, B, c.C);
+        CHECK(fd_check("write_back", loss, {{"delta", delta.data(), (long)delta.size(), ddelta.data()}, {"gate", &gate, 1, &dgate}}));
+    }
 }
