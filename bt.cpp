@@ -411,7 +411,7 @@ struct UndoRecord {   // what one firing of one layer's processor overwrote
 
 struct ProcActs {             // one firing of one layer's processor, capacity (S,B), S = T + k
     int* sel;                 // (S,B) positions rewritten (row n*B+b), ascending per b
-    float* scores;            // (B,T) attention mass per prior position (selection)
+    float* scores;            // (B,T) attention mass per prior position (-inf once chosen)
     float* u;                 // (S,B,2C) KV-tokens before W_in: [K | V] gathered from the cache
     std::vector<float*> xs;   // np+1 of (S,B,dp): residual stream through the processor blocks
     std::vector<BlockActs> blocks;  // np
@@ -580,14 +580,14 @@ static int select_forward(int* sel, float* scores, const float* att, int s, int 
                 for (int h = 0; h < NH; h++) acc += att[(((long)t * B + b) * NH + h) * T + p];
             sc[p] = acc / (float)(NH * (e - s));
         }
-        // top-kk by repeated argmax (k is small); strict > keeps the smaller position on ties
-        std::vector<char> taken(s, 0);
+        // top-kk by repeated argmax (k is small); strict > keeps the smaller position on ties.
+        // A chosen position's score is then set to -inf so it is not chosen again.
         int chosen[64];
         for (int r = 0; r < kk; r++) {
-            int best = -1;
-            for (int p = 0; p < s; p++)
-                if (!taken[p] && (best < 0 || sc[p] > sc[best])) best = p;
-            taken[best] = 1;
+            int best = 0;
+            for (int p = 1; p < s; p++)
+                if (sc[p] > sc[best]) best = p;
+            sc[best] = -INFINITY;
             chosen[r] = best;
         }
         std::sort(chosen, chosen + kk);
@@ -664,7 +664,8 @@ static void write_back_forward(float* K, float* V, const float* delta, const flo
 }
 // forward did post = pre + sigmoid(g) delta. The identity part needs nothing: d(pre) = d(post)
 // stays in dK, dV. Here: ddelta = sigmoid(g) d(post) and dg += sigmoid'(g) sum d(post) . delta
-// (a serial sum: one gate, fixed order).
+// (a serial sum: one gate, fixed order). Unlike the other backwards, ddelta is WRITTEN, not added
+// to: it is a scratch buffer that only this firing's transform_backward reads.
 static void write_back_backward(float* ddelta, float* dgate, const float* dK, const float* dV, const float* delta,
                                 const float* gate, const int* sel, int nS, int B, int C) {
     float sg = sigmoidf(gate[0]);
@@ -1037,7 +1038,8 @@ static std::string layout_key(const std::string& text) {
     std::string k;
     for (size_t i = 0; i < text.size(); i++)
         if (text[i] == '\n') k += std::to_string(i) + ",";
-    // the final line (answer) may differ in length: cut the key at the last newline
+    // only newline positions go into the key, so the answer line (after the last newline) may
+    // differ in length within a group
     return k;
 }
 
@@ -1147,9 +1149,9 @@ static void print_trace(const Decoder& D, int s, int e) {
     std::string span;
     for (int t = s; t < e; t++) span += token_str(S.tokens[t]);
     fprintf(D.trace, "[bottleneck] after positions %d..%d \"%s\"\n", s, e - 1, span.c_str());
-    int per_layer = (int)S.undo.size() - c.L;
+    int first = (int)S.undo.size() - c.L;   // this boundary's records, one per layer
     for (int l = 0; l < c.L; l++) {
-        const UndoRecord& rec = S.undo[per_layer + l];
+        const UndoRecord& rec = S.undo[first + l];
         const int* sel = S.undo_sel.data() + rec.sel_off;
         const float* u = S.undo_u.data() + rec.u_off;
         const BlockActs& a = S.acts[l];
@@ -1696,60 +1698,38 @@ static std::string fmt_time(double s) {
 }
 
 // ---- bt train
-static void cmd_train(const Args& a) {
-    bool is_bt = a.str("model") == "bt";
-    if (!is_bt && a.str("model") != "vanilla") BAD_INPUT("--model must be vanilla or bt, got '%s'", a.str("model").c_str());
-    bool joint = a.has("joint");
-    if (is_bt && !joint && !a.has("init"))
-        BAD_INPUT("--model bt trains a processor on a frozen backbone: give --init BACKBONE.safetensors, or --joint to "
-                  "train both from scratch");
-    uint64_t seed = (uint64_t)a.integer("seed", 0, 2000000000);
-    OptConfig o;
-    o.steps = a.integer("steps", 0, 10000000); o.lr = (float)a.num("lr", 0, 10);
-    o.warmup = a.integer("warmup", 1, 10000000); o.wd = (float)a.num("wd", 0, 10); o.clip = (float)a.num("clip", 1e-6, 1e9);
-    int B = a.integer("batch", 1, 100000), log_every = a.integer("log-every", 1, 1000000000);
-    int save_every = a.integer("save-every", 0, 1000000000);
-
-    // the model: from --init (its backbone config) or from the size flags
-    Model M;
+// the model's config for bt train: from --init (its backbone, and its processor if it has one)
+// or from the size flags; processor flags override, and need --model bt
+static Config train_config(const Args& a, bool is_bt, SafeFile* init) {
     Config c;
-    SafeFile init;
     if (a.has("init")) {
         for (const char* f : {"d-model", "layers", "heads", "ffn", "max-seq-len"})
             if (a.has(f)) BAD_INPUT("--%s cannot change a model that comes from --init", f);
-        init = read_safetensors(a.str("init"));
-        c = config_from_meta(init.meta, a.str("init"));
+        *init = read_safetensors(a.str("init"));
+        c = config_from_meta(init->meta, a.str("init"));
     } else {
-        c.C = a.integer("d-model", 2, 1 << 16); c.L = a.integer("layers", 1, 1000); c.NH = a.integer("heads", 1, 1 << 16);
-        c.F = a.integer("ffn", 0, 1 << 20); if (c.F == 0) c.F = 3 * c.C;
-        c.T = a.integer("max-seq-len", 2, 1 << 16);
+        c.C = a.integer("d-model", 2, 1 << 14); c.L = a.integer("layers", 1, 256); c.NH = a.integer("heads", 1, 1024);
+        c.F = a.integer("ffn", 0, 1 << 16); if (c.F == 0) c.F = 3 * c.C;
+        c.T = a.integer("max-seq-len", 2, 1 << 15);
     }
-    const char* proc_flags[] = {"proc-width", "proc-layers", "proc-heads", "proc-ffn", "k", "schedule", "bptt", "joint"};
-    if (is_bt) {
-        // processor settings: the flags, else those of an --init that already has a processor
-        bool keep = c.dp > 0;
-        if (!keep || a.has("proc-width")) { c.dp = a.integer("proc-width", 0, 1 << 14); if (c.dp == 0) c.dp = c.C / 2; }
-        if (!keep || a.has("proc-layers")) c.np = a.integer("proc-layers", 1, 64);
-        if (!keep || a.has("proc-heads")) c.nhp = a.integer("proc-heads", 1, 1024);
-        if (!keep || a.has("proc-ffn")) { c.fp = a.integer("proc-ffn", 0, 1 << 16); if (c.fp == 0) c.fp = 3 * c.dp; }
-        if (!keep || a.has("k")) c.k = a.integer("k", 0, 64);
-        if (!keep || a.has("schedule")) c.periodic = parse_schedule(a.str("schedule"));
-    } else {
-        for (const char* f : proc_flags)
+    if (!is_bt) {
+        for (const char* f : {"proc-width", "proc-layers", "proc-heads", "proc-ffn", "k", "schedule", "bptt", "joint"})
             if (a.has(f)) BAD_INPUT("--%s is a processor flag: it needs --model bt", f);
         c.dp = 0;
+        return c;
     }
-    std::string bptt = a.str("bptt");
-    if (bptt != "full" && bptt != "step") BAD_INPUT("--bptt must be full or step, got '%s'", bptt.c_str());
-    model_build(M, c);
-    model_init_random(M, seed);
-    if (a.has("init")) copy_tensors(M, init, a.str("init"), true);
-    TrainMode mode;
-    mode.use_proc = is_bt;
-    mode.train_backbone = !is_bt || joint || !a.has("init");
-    mode.bptt_step = bptt == "step";
+    bool keep = c.dp > 0;   // keep an --init processor's settings unless a flag says otherwise
+    if (!keep || a.has("proc-width")) { c.dp = a.integer("proc-width", 0, 1 << 14); if (c.dp == 0) c.dp = c.C / 2; }
+    if (!keep || a.has("proc-layers")) c.np = a.integer("proc-layers", 1, 64);
+    if (!keep || a.has("proc-heads")) c.nhp = a.integer("proc-heads", 1, 1024);
+    if (!keep || a.has("proc-ffn")) { c.fp = a.integer("proc-ffn", 0, 1 << 16); if (c.fp == 0) c.fp = 3 * c.dp; }
+    if (!keep || a.has("k")) c.k = a.integer("k", 0, 64);
+    if (!keep || a.has("schedule")) c.periodic = parse_schedule(a.str("schedule"));
+    return c;
+}
 
-    // the data stream
+// the training stream: a task's generator over its training sizes, or a file's examples
+static DataStream train_data(const Args& a, uint64_t seed) {
     DataStream D;
     D.rng = Rng(seed * 7919 + 17);
     if (a.has("data")) {
@@ -1760,19 +1740,21 @@ static void cmd_train(const Args& a) {
         D.task = parse_task(a.str("task"));
         D.lo = TASKS[D.task].train_lo; D.hi = TASKS[D.task].train_hi;
     }
-    int T = max_tokens(D);
-    RunState S;
-    run_state_build(S, c, T, B, true);
+    return D;
+}
 
+static void print_train_header(const Args& a, const Model& M, const TrainMode& mode, const OptConfig& o,
+                               const DataStream& D, int B, int T, uint64_t seed) {
+    const Config& c = M.cfg;
     long n_trainable = 0;
     for (auto& p : M.table) n_trainable += trainable(p, mode) ? p.numel : 0;
     printf("bt train | %s | %s\n", a.has("data") ? a.str("data").c_str() : a.str("task").c_str(), build_flags().c_str());
-    printf("  model    %s: d_model %d, layers %d, heads %d, ffn %d, vocab %d, max_seq_len %d\n", is_bt ? "bt" : "vanilla",
-           c.C, c.L, c.NH, c.F, c.V, c.T);
-    if (is_bt)
+    printf("  model    %s: d_model %d, layers %d, heads %d, ffn %d, vocab %d, max_seq_len %d\n",
+           mode.use_proc ? "bt" : "vanilla", c.C, c.L, c.NH, c.F, c.V, c.T);
+    if (mode.use_proc)
         printf("  processor width %d, blocks %d, heads %d, ffn %d, k %d, schedule %s, bptt %s, backbone %s\n", c.dp,
-               c.np, c.nhp, c.fp, c.k, c.periodic ? strf("periodic:%d", c.periodic).c_str() : "newline", bptt.c_str(),
-               mode.train_backbone ? "trained" : "frozen");
+               c.np, c.nhp, c.fp, c.k, c.periodic ? strf("periodic:%d", c.periodic).c_str() : "newline",
+               mode.bptt_step ? "step" : "full", mode.train_backbone ? "trained" : "frozen");
     printf("  params   %ld (backbone %ld, processor %ld), trainable %ld\n", M.n_params, M.n_backbone,
            M.n_params - M.n_backbone, n_trainable);
     printf("  train    steps %d, batch %d, lr %g (warmup %d, cosine to lr/10), wd %g, clip %g, AdamW (0.9, 0.95)\n",
@@ -1781,8 +1763,39 @@ static void cmd_train(const Args& a) {
     printf("  data     %s, up to %d tokens per sequence, seed %llu%s\n", what.c_str(), T, (unsigned long long)seed,
            a.has("init") ? (", init " + a.str("init")).c_str() : "");
     fflush(stdout);
+}
 
-    std::string task_name = a.has("data") ? "file" : a.str("task");
+static void cmd_train(const Args& a) {
+    bool is_bt = a.str("model") == "bt";
+    if (!is_bt && a.str("model") != "vanilla") BAD_INPUT("--model must be vanilla or bt, got '%s'", a.str("model").c_str());
+    if (is_bt && !a.has("joint") && !a.has("init"))
+        BAD_INPUT("--model bt trains a processor on a frozen backbone: give --init BACKBONE.safetensors, or --joint to "
+                  "train both from scratch");
+    std::string bptt = a.str("bptt");
+    if (bptt != "full" && bptt != "step") BAD_INPUT("--bptt must be full or step, got '%s'", bptt.c_str());
+    uint64_t seed = (uint64_t)a.integer("seed", 0, 2000000000);
+    OptConfig o;
+    o.steps = a.integer("steps", 0, 10000000); o.lr = (float)a.num("lr", 0, 10);
+    o.warmup = a.integer("warmup", 1, 10000000); o.wd = (float)a.num("wd", 0, 10); o.clip = (float)a.num("clip", 1e-6, 1e9);
+    int B = a.integer("batch", 1, 100000), log_every = a.integer("log-every", 1, 1000000000);
+    int save_every = a.integer("save-every", 0, 1000000000);
+
+    SafeFile init;
+    Model M;
+    model_build(M, train_config(a, is_bt, &init));
+    model_init_random(M, seed);
+    if (a.has("init")) copy_tensors(M, init, a.str("init"), true);   // a processor new to it keeps its init
+    TrainMode mode;
+    mode.use_proc = is_bt;
+    mode.train_backbone = !is_bt || a.has("joint");
+    mode.bptt_step = bptt == "step";
+    DataStream D = train_data(a, seed);
+    int T = max_tokens(D);
+    RunState S;
+    run_state_build(S, M.cfg, T, B, true);
+    print_train_header(a, M, mode, o, D, B, T, seed);
+
+    std::map<std::string, std::string> meta = {{"task", a.has("data") ? "file" : a.str("task")}};
     double t_start = now_seconds();
     long tokens_seen = 0;
     for (int step = 0; step < o.steps; step++) {
@@ -1802,9 +1815,9 @@ static void cmd_train(const Args& a) {
                    fmt_time(el / (step + 1) * (o.steps - step - 1)).c_str());
             fflush(stdout);
         }
-        if (save_every > 0 && (step + 1) % save_every == 0) save_model(M, a.str("out"), {{"task", task_name}});
+        if (save_every > 0 && (step + 1) % save_every == 0) save_model(M, a.str("out"), meta);
     }
-    save_model(M, a.str("out"), {{"task", task_name}});
+    save_model(M, a.str("out"), meta);
     printf("wrote %s (%ld params) after %d steps in %s\n", a.str("out").c_str(), M.n_params, o.steps,
            fmt_time(now_seconds() - t_start).c_str());
 }

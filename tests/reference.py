@@ -332,6 +332,7 @@ def build_processor(cfg, tokens):
     case("newline_full", nl, False, "full", pn, True)
     case("newline_step", nl, False, "step", pn, False)
     case("newline_joint", nl, False, "full", bb + pn, False)
+    case("newline_joint_step", nl, False, "step", bb + pn, False)
     case("periodic_full", per, True, "full", pn, True)
     fd_check(W, tokens, cfg, nl, out)
     return out

@@ -174,12 +174,13 @@ static void processor_case(const std::string& prefix, int periodic, const std::v
     }
 }
 
-TEST_CASE("processor (newline schedule) matches PyTorch: selections, caches, logits, full/step/joint gradients") {
-    TrainMode full, step, joint;
-    full.use_proc = step.use_proc = joint.use_proc = true;
+TEST_CASE("processor (newline schedule) matches PyTorch: selections, caches, logits, gradients frozen/joint x full/step") {
+    TrainMode full, step, joint, joint_step;
+    full.use_proc = step.use_proc = joint.use_proc = joint_step.use_proc = true;
     full.train_backbone = step.train_backbone = false;
-    step.bptt_step = true;
-    processor_case("newline", 0, {{"newline_full", full}, {"newline_step", step}, {"newline_joint", joint}});
+    step.bptt_step = joint_step.bptt_step = true;
+    processor_case("newline", 0, {{"newline_full", full}, {"newline_step", step}, {"newline_joint", joint},
+                                  {"newline_joint_step", joint_step}});
 }
 
 TEST_CASE("processor (periodic:8, whole cache) matches PyTorch") {
