@@ -14,11 +14,13 @@ else
 endif
 # OpenMP unless NO_OMP=1
 ifeq ($(NO_OMP),1)
+  CXXFLAGS += -Wno-unknown-pragmas
   $(info ✗ OpenMP (NO_OMP=1))
 else ifeq ($(shell echo 'int main(){}' | $(CXX) -fopenmp -x c++ - -o /dev/null >/dev/null 2>&1 && echo ok),ok)
   CXXFLAGS += -fopenmp
   $(info ✓ OpenMP)
 else
+  CXXFLAGS += -Wno-unknown-pragmas
   $(info ✗ OpenMP (compiler has no -fopenmp))
 endif
 
@@ -58,10 +60,11 @@ train: bt
 reference:
 	$(PYTHON) tests/reference.py --out weights
 
-debug: CXXFLAGS := -std=c++17 -Wall -Wextra -O0 -g -fsanitize=address,undefined -fno-omit-frame-pointer
+# single-threaded (no OpenMP), so gdb steps through one loop at a time
+debug: CXXFLAGS := -std=c++17 -Wall -Wextra -Wno-unknown-pragmas -O0 -g -fsanitize=address,undefined -fno-omit-frame-pointer
 debug: bt.cpp tensor.hpp
 	$(CXX) $(CXXFLAGS) -o bt_debug bt.cpp
-	@echo "built bt_debug (-O0 -g, ASan+UBSan): gdb --args ./bt_debug train --steps 2 --batch 2"
+	@echo "built bt_debug (-O0 -g, ASan+UBSan, one thread): gdb --args ./bt_debug train --steps 2 --batch 2"
 
 clean:
 	rm -f bt bt_debug tests/test_bt
