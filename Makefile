@@ -28,7 +28,7 @@ ifeq ($(USE_CUDA),1)
   $(info ✗ CUDA (USE_CUDA=1: kernels.cu is not written yet; building the CPU version))
 endif
 
-.PHONY: all test train reference debug clean deps
+.PHONY: all test train reference debug sanitize clean deps
 all: bt
 
 bt: bt.cpp tensor.hpp
@@ -66,5 +66,11 @@ debug: bt.cpp tensor.hpp
 	$(CXX) $(CXXFLAGS) -o bt_debug bt.cpp
 	@echo "built bt_debug (-O0 -g, ASan+UBSan, one thread): gdb --args ./bt_debug train --steps 2 --batch 2"
 
+# the whole test suite under AddressSanitizer and UndefinedBehaviorSanitizer (-O1 keeps it quick)
+sanitize: deps
+	$(CXX) -std=c++17 -Wall -Wextra -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer \
+	  $(filter -fopenmp -march=native,$(CXXFLAGS)) -o tests/test_bt_san tests/test_bt.cpp
+	UBSAN_OPTIONS=halt_on_error=1 ./tests/test_bt_san
+
 clean:
-	rm -f bt bt_debug tests/test_bt
+	rm -f bt bt_debug tests/test_bt tests/test_bt_san

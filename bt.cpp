@@ -1361,7 +1361,7 @@ static SafeFile read_safetensors(const std::string& path) {
     uint64_t n = 0;
     for (int b = 7; b >= 0; b--) n = (n << 8) | (unsigned char)bytes[b];
     if (n > bytes.size() - 8)
-        BAD_INPUT("%s: header length %llu runs past the end of the file (%zu bytes): truncated?", path.c_str(),
+        BAD_INPUT("%s: header length %llu runs past the end of the file (%zu bytes): not a safetensors file, or truncated", path.c_str(),
                   (unsigned long long)n, bytes.size());
     std::string header = bytes.substr(8, n);
     JsonParser jp{header, 0, path};
@@ -1573,10 +1573,10 @@ static const FlagSpec FLAGS[] = {
     {"steps", "1000", "training steps"},
     {"batch", "32", "sequences per batch"},
     {"lr", "0.003", "peak learning rate (AdamW)"},
-    {"warmup", "100", "linear warmup steps, then cosine decay to lr/10"},
+    {"warmup", "100", "linear warmup steps (at most a tenth of --steps unless given), then cosine to lr/10"},
     {"wd", "0.1", "AdamW weight decay (matrices only)"},
     {"clip", "1.0", "gradient clipping: max global norm"},
-    {"seed", "1", "random seed (init, data, evaluation sets)"},
+    {"seed", "1", "random seed (train: init and data; eval: the evaluation sets)"},
     {"d-model", "128", "backbone width"},
     {"layers", "4", "backbone layers"},
     {"heads", "4", "attention heads"},
@@ -1776,7 +1776,9 @@ static void cmd_train(const Args& a) {
     uint64_t seed = (uint64_t)a.integer("seed", 0, 2000000000);
     OptConfig o;
     o.steps = a.integer("steps", 0, 10000000); o.lr = (float)a.num("lr", 0, 10);
-    o.warmup = a.integer("warmup", 1, 10000000); o.wd = (float)a.num("wd", 0, 10); o.clip = (float)a.num("clip", 1e-6, 1e9);
+    o.warmup = a.integer("warmup", 1, 10000000);
+    if (!a.has("warmup")) o.warmup = std::max(1, std::min(o.warmup, o.steps / 10));   // short runs warm up less
+    o.wd = (float)a.num("wd", 0, 10); o.clip = (float)a.num("clip", 1e-6, 1e9);
     int B = a.integer("batch", 1, 100000), log_every = a.integer("log-every", 1, 1000000000);
     int save_every = a.integer("save-every", 0, 1000000000);
 
@@ -1844,10 +1846,16 @@ static void add_result(EvalResult& into, const EvalResult& r) {
 
 static void cmd_eval(const Args& a) {
     if (!a.has("ckpt")) BAD_INPUT("bt eval needs --ckpt FILE");
-    Model M;
-    load_model(M, a.str("ckpt"));
     int n = a.integer("n", 1, 1000000);
     uint64_t seed = (uint64_t)a.integer("seed", 0, 2000000000);
+    Task task = a.has("data") ? TASK_FILE : parse_task(a.str("task"));   // check every flag before printing
+    int lo = 0, hi = 0;
+    if (task != TASK_FILE) {
+        lo = TASKS[task].train_lo; hi = TASKS[task].ood_hi;
+        if (a.has("sizes")) parse_sizes(a.str("sizes"), &lo, &hi, task == TASK_VAR ? 18 : 64);
+    }
+    Model M;
+    load_model(M, a.str("ckpt"));
     printf("bt eval | %s | %s | processor %s\n", a.str("ckpt").c_str(), build_flags().c_str(), M.cfg.dp ? "on" : "none");
     printf("%-10s %5s   %6s   %9s   %s\n", "size", "n", "answer", "all-lines", "first wrong line (mean, of wrong)");
     double t0 = now_seconds();
@@ -1865,10 +1873,7 @@ static void cmd_eval(const Args& a) {
         for (auto& m : all.mistakes) printf("  e.g. %s\n", m.c_str());
         return;
     }
-    Task task = parse_task(a.str("task"));
     const TaskInfo& ti = TASKS[task];
-    int lo = ti.train_lo, hi = ti.ood_hi;
-    if (a.has("sizes")) parse_sizes(a.str("sizes"), &lo, &hi, task == TASK_VAR ? 18 : 64);
     EvalResult id, ood;
     for (int s = lo; s <= hi; s++) {
         EvalResult r = evaluate(M, eval_set(task, s, n, seed));
@@ -1892,6 +1897,7 @@ static void cmd_generate(const Args& a) {
     Decoder D;
     decoder_init(D, M);
     if (a.has("trace")) D.trace = stdout;
+    if (a.has("trace") && M.cfg.dp == 0) printf("(this checkpoint has no processor: there is no bottleneck step to trace)\n");
     std::string p = a.str("prompt");
     // the shell gives a literal backslash-n: accept it as a newline
     for (size_t i; (i = p.find("\\n")) != std::string::npos;) p.replace(i, 2, "\n");

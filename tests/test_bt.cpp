@@ -6,6 +6,7 @@
 #include <doctest/doctest.h>
 
 #define BT_TESTING
+#pragma GCC diagnostic ignored "-Wunused-function"   // the CLI commands, which only main() calls
 #include "../bt.cpp"
 
 #include <functional>
