@@ -400,7 +400,8 @@ static void block_backward(float* dx, float* dk, float* dv, BlockW* gw, BlockScr
 
 // =============================================================================================
 // Run state: activations, the KV cache and gradient buffers for a batch of B sequences of up to
-// T positions. One buffer, carved once: nothing is allocated inside a step.
+// T positions. One buffer, carved once (the batch text and the segment list are still small
+// per-step allocations).
 // =============================================================================================
 struct UndoRecord {   // what one firing of one layer's processor overwrote
     int layer, s, e;  // the boundary came after segment [s,e)
