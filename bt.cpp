@@ -562,6 +562,15 @@ static void backbone_backward(Model& M, RunState& S, int s, int e, bool train_we
 // Set a breakpoint on bottleneck_step and watch S.acts[l].k change.
 // =============================================================================================
 
+// The selection score of position p for sequence b: the mean over heads h and the segment's
+// queries t in [s,e) of att[t,b,h,p].   att (T,B,NH,T)
+static float attention_mass(const float* att, int s, int e, int b, int p, int B, int NH, int T) {
+    float acc = 0.0f;
+    for (int t = s; t < e; t++)
+        for (int h = 0; h < NH; h++) acc += att[(((long)t * B + b) * NH + h) * T + p];
+    return acc / (float)(NH * (e - s));
+}
+
 // 1. select. sel (nS,B) gets, per sequence, the chosen older positions ascending and then s..e-1.
 //    score(p) = mean over heads h and queries t in [s,e) of att[t,b,h,p]; ties go to the smaller p.
 //    periodic schedule: S = [0,e), the whole cache. Returns nS.
@@ -575,12 +584,7 @@ static int select_forward(int* sel, float* scores, const float* att, int s, int 
     int kk = std::min(k, s), nS = kk + (e - s);
     for (int b = 0; b < B; b++) {
         float* sc = scores + (long)b * T;
-        for (int p = 0; p < s; p++) {
-            float acc = 0.0f;
-            for (int t = s; t < e; t++)
-                for (int h = 0; h < NH; h++) acc += att[(((long)t * B + b) * NH + h) * T + p];
-            sc[p] = acc / (float)(NH * (e - s));
-        }
+        for (int p = 0; p < s; p++) sc[p] = attention_mass(att, s, e, b, p, B, NH, T);
         // top-kk by repeated argmax (k is small); strict > keeps the smaller position on ties.
         // A chosen position's score is then set to -inf so it is not chosen again.
         int chosen[64];
@@ -746,14 +750,19 @@ struct TrainMode {
     bool bptt_step = false;     // truncate at every boundary
 };
 
-// Segment starts for a batch: 0, every boundary, then T (the end). Newline schedule: a boundary
-// at every position holding '\n' (all sequences of a batch share them). Periodic: every N.
+// Is position t (holding token tok) a boundary, where the processor fires before tok is read?
+// Newline schedule: every '\n' after the start. Periodic: every N positions. Training and
+// decoding both ask here.
+static bool is_boundary(const Config& c, int t, int tok) {
+    return t > 0 && (c.periodic > 0 ? t % c.periodic == 0 : tok == NEWLINE);
+}
+
+// Segment starts for a batch: 0, every boundary, then T (the end). All sequences of a batch share
+// their newline positions, so sequence 0 decides.
 static std::vector<int> segment_bounds(const Config& c, const int* tokens, int T, int B) {
     std::vector<int> b = {0};
-    for (int t = 1; t < T; t++) {
-        bool cut = c.periodic > 0 ? (t % c.periodic == 0) : (tokens[(long)t * B] == NEWLINE);
-        if (cut) b.push_back(t);
-    }
+    for (int t = 1; t < T; t++)
+        if (is_boundary(c, t, tokens[(long)t * B])) b.push_back(t);
     b.push_back(T);
     return b;
 }
@@ -1094,9 +1103,6 @@ static void decoder_reset(Decoder& D) {
 
 static void print_trace(const Decoder& D, int s, int e);
 
-static bool is_boundary(const Config& c, int t, int tok) {
-    return t > 0 && (c.periodic > 0 ? t % c.periodic == 0 : tok == NEWLINE);
-}
 
 // Append n tokens. Runs the backbone chunk by chunk; before a boundary token it fires the
 // bottleneck step on the segment that just ended.
@@ -1169,11 +1175,8 @@ static void print_trace(const Decoder& D, int s, int e) {
         int nrec = rec.nS - (e - s);
         if (c.periodic) nrec = 0;
         for (int n = 0; n < nrec; n++) {
-            // the score of a recalled position (recomputed from the stored attention)
-            float sc = 0.0f;
-            for (int t = s; t < e; t++)
-                for (int h = 0; h < c.NH; h++) sc += a.att[((long)t * c.NH + h) * S.T + sel[n]];
-            fprintf(D.trace, " %d'%s'(%.3f)", sel[n], token_str(S.tokens[sel[n]]).c_str(), sc / (c.NH * (e - s)));
+            float sc = attention_mass(a.att, s, e, 0, sel[n], 1, c.NH, S.T);   // recomputed: B = 1
+            fprintf(D.trace, " %d'%s'(%.3f)", sel[n], token_str(S.tokens[sel[n]]).c_str(), sc);
         }
         fprintf(D.trace, "%s\n", c.periodic ? " (periodic: the whole cache)" : "");
     }

@@ -24,16 +24,6 @@
 #endif
 
 // ----------------------------------------------------------------------------------------------
-// A non-owning view: a pointer and up to 4 dims. Used where a shape must travel with a pointer
-// (checkpoints, tests); the ops themselves take raw pointers.
-struct View {
-    float* data = nullptr;
-    int ndim = 0;
-    int dims[4] = {1, 1, 1, 1};
-    long numel() const { long n = 1; for (int i = 0; i < ndim; i++) n *= dims[i]; return n; }
-};
-
-// ----------------------------------------------------------------------------------------------
 // Embedding: out[r, :] = emb[tok[r], :]
 // out (N,C), tok (N), emb (V,C)
 inline void embedding_forward(float* out, const int* tok, const float* emb, int N, int C) {
