@@ -979,9 +979,16 @@ static std::string gen_example(Task task, Rng& r, int size, bool eval_split) {
 // ---- examples from a text file: one example per block of lines, blocks separated by a blank line
 struct Example { std::string text; int size; };
 
-static std::vector<Example> read_examples(const std::string& path) {
+// the whole file as bytes; what names a missing file in the error
+static std::string read_file(const std::string& path, const char* what) {
     std::ifstream f(path, std::ios::binary);
-    if (!f) BAD_INPUT("%s: cannot open the data file", path.c_str());
+    if (!f) BAD_INPUT("%s: cannot open the %s (does the file exist?)", path.c_str(), what);
+    return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+}
+
+// Examples in the task text format, separated by blank lines. path only names the source in errors.
+static std::vector<Example> parse_examples(const std::string& text, const std::string& path) {
+    std::istringstream f(text);
     std::vector<Example> out;
     std::vector<std::string> cur;
     int lineno = 0, start = 1;
@@ -1013,6 +1020,10 @@ static std::vector<Example> read_examples(const std::string& path) {
     finish();
     if (out.empty()) BAD_INPUT("%s: no examples found (examples are separated by blank lines)", path.c_str());
     return out;
+}
+
+static std::vector<Example> read_examples(const std::string& path) {
+    return parse_examples(read_file(path, "data file"), path);
 }
 
 // ---- batches: B examples with the same layout, time-major into S.tokens, PAD after the end
@@ -1357,10 +1368,9 @@ struct SafeFile {
     std::map<std::string, Tensor> tensors;
 };
 
-static SafeFile read_safetensors(const std::string& path) {
-    std::ifstream f(path, std::ios::binary);
-    if (!f) BAD_INPUT("%s: cannot open (does the file exist?)", path.c_str());
-    std::string bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+// Every field is checked before it is trusted: header length against the file size, JSON,
+// dtype, shapes, offsets inside the data and not overlapping. path only names the source in errors.
+static SafeFile parse_safetensors(const std::string& bytes, const std::string& path) {
     if (bytes.size() < 8) BAD_INPUT("%s: %zu bytes is too short for a safetensors file", path.c_str(), bytes.size());
     uint64_t n = 0;
     for (int b = 7; b >= 0; b--) n = (n << 8) | (unsigned char)bytes[b];
@@ -1419,6 +1429,8 @@ static SafeFile read_safetensors(const std::string& path) {
                       (unsigned long long)ranges[i].first, (unsigned long long)ranges[i - 1].second);
     return out;
 }
+
+static SafeFile read_safetensors(const std::string& path) { return parse_safetensors(read_file(path, "checkpoint"), path); }
 
 static std::string json_escape(const std::string& s) {
     std::string o;
@@ -1595,7 +1607,8 @@ static const FlagSpec FLAGS[] = {
     {"bptt", "full", "full (exact gradient through every rewrite) | step (truncate at each boundary)"},
     {"joint", "", "train backbone and processor together (from scratch without --init)"},
     {"log-every", "50", "print a progress line every N steps"},
-    {"save-every", "0", "also write the checkpoint every N steps (0: only at the end)"},
+    {"save-every", "100", "also write the checkpoint (and its .state) every N steps (0: only at the end)"},
+    {"resume", "", "continue the run saved in this checkpoint and its .state.safetensors exactly"},
     {"sizes", "", "problem sizes to evaluate, A..B (default: training and OOD ranges)"},
     {"n", "100", "evaluation examples per size"},
     {"prompt", "", "question to continue (a newline is added if missing)"},
@@ -1607,7 +1620,7 @@ static const char* BOOL_FLAGS[] = {"joint", "trace"};
 struct Command { const char* name; const char* flags; const char* help; };
 static const Command COMMANDS[] = {
     {"train", "task data out init model steps batch lr warmup wd clip seed d-model layers heads ffn max-seq-len "
-              "proc-width proc-layers proc-heads proc-ffn k schedule bptt joint log-every save-every",
+              "proc-width proc-layers proc-heads proc-ffn k schedule bptt joint log-every save-every resume",
      "train a model (vanilla backbone, or a Cache Processor on top with --model bt)"},
     {"eval", "ckpt task data sizes n seed", "greedy decoding accuracy per problem size"},
     {"generate", "ckpt prompt trace", "greedy continuation of a prompt"},
@@ -1769,7 +1782,112 @@ static void print_train_header(const Args& a, const Model& M, const TrainMode& m
     fflush(stdout);
 }
 
-static void cmd_train(const Args& a) {
+// ---- a training run. Set up once (train_setup: fresh, or --resume), then stepped (train_steps).
+// Every --save-every steps and at the end, save_run writes the checkpoint and beside it
+// <out>.state.safetensors: the AdamW moments, the step, the data stream's position, the loss of
+// every step and the flags of the run, so that --resume continues it as if it had never stopped.
+struct TrainRun {
+    Model M;
+    TrainMode mode;
+    OptConfig o;
+    DataStream D;
+    RunState S;
+    int B = 0, log_every = 50, save_every = 0;
+    int step = 0;                              // steps completed
+    std::vector<float> losses;                 // (step) the loss of every completed step
+    std::string out;                           // the checkpoint's path
+    std::string task;                          // task name or "file" (checkpoint metadata)
+    std::map<std::string, std::string> flags;  // the flags given on the command line (for --resume)
+};
+
+static std::string state_path(const std::string& ckpt) { return ckpt + ".state.safetensors"; }
+
+// state first, then the checkpoint; each is written atomically (a temporary file, then rename)
+static void save_run(const TrainRun& R) {
+    const Model& M = R.M;
+    std::vector<OutTensor> ts;
+    for (auto& p : M.table) {
+        ts.push_back({"adam_m." + p.name, p.shape, M.m.data() + p.offset});
+        ts.push_back({"adam_v." + p.name, p.shape, M.v.data() + p.offset});
+    }
+    ts.push_back({"loss_curve", {R.step}, R.losses.data()});
+    std::map<std::string, std::string> meta = {{"format", "bt-train-state"}, {"step", std::to_string(R.step)},
+                                               {"adam_t", std::to_string(M.adam_t)},
+                                               {"data_rng", std::to_string(R.D.rng.s)}};
+    for (auto& kv : R.flags) meta["flag." + kv.first] = kv.second;
+    write_safetensors(state_path(R.out), ts, meta);
+    save_model(M, R.out, {{"task", R.task}, {"step", std::to_string(R.step)}});
+}
+
+static long meta_int(const SafeFile& f, const char* key, long lo, long hi, const std::string& path) {
+    auto it = f.meta.find(key);
+    char* end = nullptr;
+    long v = it == f.meta.end() ? 0 : strtol(it->second.c_str(), &end, 10);
+    if (it == f.meta.end() || it->second.empty() || *end != 0 || v < lo || v > hi)
+        BAD_INPUT("%s: metadata '%s' is missing or out of range [%ld, %ld]", path.c_str(), key, lo, hi);
+    return v;
+}
+
+// --resume CKPT: the flags of the original run come back from the state file; only these may be given again
+static const char* RESUME_FLAGS[] = {"resume", "log-every", "save-every"};
+
+static Args resume_args(const Args& given, SafeFile* state) {
+    for (auto& f : given.given) {
+        bool ok = false;
+        for (auto* r : RESUME_FLAGS) ok |= f == r;
+        if (!ok) BAD_INPUT("--%s cannot be given with --resume: the run keeps its own flags", f.c_str());
+    }
+    std::string sp = state_path(given.str("resume"));
+    if (!std::ifstream(sp))
+        BAD_INPUT("%s: cannot open it: --resume needs the checkpoint and the state file bt train writes beside it",
+                  sp.c_str());
+    *state = read_safetensors(sp);
+    if (!state->meta.count("format") || state->meta.at("format") != "bt-train-state")
+        BAD_INPUT("%s: not a bt training-state file", sp.c_str());
+    Args a = given;
+    for (auto& kv : state->meta)
+        if (kv.first.rfind("flag.", 0) == 0) {
+            std::string name = kv.first.substr(5);
+            if (!a.v.count(name)) BAD_INPUT("%s: unknown flag '%s' in the saved run", sp.c_str(), name.c_str());
+            if (!given.has(name)) { a.v[name] = kv.second; a.given.insert(name); }
+        }
+    a.v["out"] = given.str("resume");   // the run goes on writing where it was
+    return a;
+}
+
+// Overwrite a freshly set-up run with the saved one: weights, moments, step, data position, losses.
+static void restore_run(TrainRun& R, const SafeFile& state, const std::string& ckpt) {
+    std::string sp = state_path(ckpt);
+    SafeFile f = read_safetensors(ckpt);
+    if (config_meta(config_from_meta(f.meta, ckpt)) != config_meta(R.M.cfg))
+        BAD_INPUT("%s: its config differs from the run saved in %s", ckpt.c_str(), sp.c_str());
+    copy_tensors(R.M, f, ckpt, false);
+    R.step = (int)meta_int(state, "step", 0, R.o.steps, sp);
+    if (meta_int(f, "step", 0, R.o.steps, ckpt) != R.step)
+        BAD_INPUT("%s is from step %ld but its state file from step %d (interrupted between the two writes?): "
+                  "cannot resume exactly", ckpt.c_str(), meta_int(f, "step", 0, R.o.steps, ckpt), R.step);
+    R.M.adam_t = (int)meta_int(state, "adam_t", 0, R.o.steps, sp);
+    auto rng = state.meta.find("data_rng");
+    if (rng == state.meta.end()) BAD_INPUT("%s: metadata 'data_rng' is missing", sp.c_str());
+    R.D.rng.s = strtoull(rng->second.c_str(), nullptr, 10);
+    auto get = [&](const std::string& name, long n) -> const std::vector<float>& {
+        auto it = state.tensors.find(name);
+        if (it == state.tensors.end() || (long)it->second.data.size() != n)
+            BAD_INPUT("%s: tensor '%s' is missing or has the wrong size", sp.c_str(), name.c_str());
+        return it->second.data;
+    };
+    for (auto& p : R.M.table) {
+        auto& m = get("adam_m." + p.name, p.numel);
+        auto& v = get("adam_v." + p.name, p.numel);
+        std::copy(m.begin(), m.end(), R.M.m.begin() + p.offset);
+        std::copy(v.begin(), v.end(), R.M.v.begin() + p.offset);
+    }
+    R.losses = get("loss_curve", R.step);
+}
+
+static void train_setup(TrainRun& R, const Args& given) {
+    SafeFile state;
+    Args a = given.has("resume") ? resume_args(given, &state) : given;
     bool is_bt = a.str("model") == "bt";
     if (!is_bt && a.str("model") != "vanilla") BAD_INPUT("--model must be vanilla or bt, got '%s'", a.str("model").c_str());
     if (is_bt && !a.has("joint") && !a.has("init"))
@@ -1778,54 +1896,81 @@ static void cmd_train(const Args& a) {
     std::string bptt = a.str("bptt");
     if (bptt != "full" && bptt != "step") BAD_INPUT("--bptt must be full or step, got '%s'", bptt.c_str());
     uint64_t seed = (uint64_t)a.integer("seed", 0, 2000000000);
-    OptConfig o;
+    OptConfig& o = R.o;
     o.steps = a.integer("steps", 0, 10000000); o.lr = (float)a.num("lr", 0, 10);
     o.warmup = a.integer("warmup", 1, 10000000);
     if (!a.has("warmup")) o.warmup = std::max(1, std::min(o.warmup, o.steps / 10));   // short runs warm up less
     o.wd = (float)a.num("wd", 0, 10); o.clip = (float)a.num("clip", 1e-6, 1e9);
-    int B = a.integer("batch", 1, 100000), log_every = a.integer("log-every", 1, 1000000000);
-    int save_every = a.integer("save-every", 0, 1000000000);
+    R.B = a.integer("batch", 1, 100000);
+    R.log_every = a.integer("log-every", 1, 1000000000);
+    R.save_every = a.integer("save-every", 0, 1000000000);
+    R.out = a.str("out");
+    R.task = a.has("data") ? "file" : a.str("task");
+    for (auto& f : a.given)
+        if (f != "resume" && f != "log-every" && f != "save-every" && f != "out") R.flags[f] = a.str(f);
 
     SafeFile init;
-    Model M;
-    model_build(M, train_config(a, is_bt, &init));
-    model_init_random(M, seed);
-    if (a.has("init")) copy_tensors(M, init, a.str("init"), true);   // a processor new to it keeps its init
-    TrainMode mode;
-    mode.use_proc = is_bt;
-    mode.train_backbone = !is_bt || a.has("joint");
-    mode.bptt_step = bptt == "step";
-    DataStream D = train_data(a, seed);
-    int T = max_tokens(D);
-    RunState S;
-    run_state_build(S, M.cfg, T, B, true);
-    print_train_header(a, M, mode, o, D, B, T, seed);
+    if (given.has("resume")) {   // the model's config comes from the checkpoint, not from --init
+        SafeFile ck = read_safetensors(a.str("out"));
+        model_build(R.M, config_from_meta(ck.meta, a.str("out")));
+    } else {
+        model_build(R.M, train_config(a, is_bt, &init));
+        model_init_random(R.M, seed);
+        if (a.has("init")) copy_tensors(R.M, init, a.str("init"), true);   // a processor new to it keeps its init
+    }
+    R.mode.use_proc = is_bt;
+    R.mode.train_backbone = !is_bt || a.has("joint");
+    R.mode.bptt_step = bptt == "step";
+    R.D = train_data(a, seed);
+    int T = max_tokens(R.D);
+    run_state_build(R.S, R.M.cfg, T, R.B, true);
+    if (given.has("resume")) restore_run(R, state, a.str("out"));
+    print_train_header(a, R.M, R.mode, o, R.D, R.B, T, seed);
+    if (given.has("resume")) printf("  resume   %s at step %d of %d\n", a.str("out").c_str(), R.step, o.steps);
+}
 
-    std::map<std::string, std::string> meta = {{"task", a.has("data") ? "file" : a.str("task")}};
+// Run steps until R.step == until. A non-finite loss or gradient stops the run before the
+// weights are touched; the checkpoint on disk is then the last one written (a good one).
+static void train_steps(TrainRun& R, int until) {
+    Model& M = R.M;
     double t_start = now_seconds();
-    long tokens_seen = 0;
-    for (int step = 0; step < o.steps; step++) {
+    long tokens = 0;
+    int first = R.step;
+    while (R.step < until) {
+        int t = R.step;   // this step's index, 0-based
         double t0 = now_seconds();
-        int Tb = load_batch(S, next_batch(D, B));
+        int Tb = load_batch(R.S, next_batch(R.D, R.B));
         std::fill(M.grads.begin(), M.grads.end(), 0.0f);
-        float loss = forward_sequence(M, S, Tb, mode);
-        if (!std::isfinite(loss))
-            INTERNAL("step %d: the loss is %f; stopping (the last checkpoint written is kept)", step + 1, loss);
-        backward_sequence(M, S, Tb, mode);
-        float norm = optimizer_step(M, o, step, mode);
+        float loss = forward_sequence(M, R.S, Tb, R.mode);
+        if (std::isfinite(loss)) backward_sequence(M, R.S, Tb, R.mode);
+        float norm = std::isfinite(loss) ? optimizer_step(M, R.o, t, R.mode) : NAN;
+        if (!std::isfinite(norm))
+            INTERNAL("step %d: the %s is %g; stopping. The weights were not updated; %s keeps the last checkpoint "
+                     "written%s", t + 1, std::isfinite(loss) ? "gradient norm" : "loss",
+                     std::isfinite(loss) ? norm : loss, R.out.c_str(),
+                     R.save_every ? strf(" (every %d steps)", R.save_every).c_str() : " (none: try --save-every)");
+        R.losses.push_back(loss);
+        R.step++;
         double dt = now_seconds() - t0, el = now_seconds() - t_start;
-        tokens_seen += (long)Tb * B;
-        if ((step + 1) % log_every == 0 || step == 0 || step + 1 == o.steps) {
-            printf("step %5d/%d | loss %.4f | norm %6.3f | lr %.1e | %6.1f ms | %6.0f tok/s | ETA %s\n", step + 1, o.steps,
-                   loss, norm, lr_at(o, step), dt * 1e3, tokens_seen / el,
-                   fmt_time(el / (step + 1) * (o.steps - step - 1)).c_str());
+        tokens += (long)Tb * R.B;
+        if (R.step % R.log_every == 0 || t == first || R.step == R.o.steps) {
+            printf("step %5d/%d | loss %.4f | norm %6.3f | lr %.1e | %6.1f ms | %6.0f tok/s | ETA %s\n", R.step,
+                   R.o.steps, loss, norm, lr_at(R.o, t), dt * 1e3, tokens / el,
+                   fmt_time(el / (R.step - first) * (R.o.steps - R.step)).c_str());
             fflush(stdout);
         }
-        if (save_every > 0 && (step + 1) % save_every == 0) save_model(M, a.str("out"), meta);
+        if (R.save_every > 0 && R.step % R.save_every == 0 && R.step < R.o.steps) save_run(R);
     }
-    save_model(M, a.str("out"), meta);
-    printf("wrote %s (%ld params) after %d steps in %s\n", a.str("out").c_str(), M.n_params, o.steps,
-           fmt_time(now_seconds() - t_start).c_str());
+}
+
+static void cmd_train(const Args& a) {
+    TrainRun R;
+    train_setup(R, a);
+    double t0 = now_seconds();
+    train_steps(R, R.o.steps);
+    save_run(R);
+    printf("wrote %s and %s (%ld params) after %d steps in %s\n", R.out.c_str(), state_path(R.out).c_str(),
+           R.M.n_params, R.step, fmt_time(now_seconds() - t0).c_str());
 }
 
 // ---- bt eval

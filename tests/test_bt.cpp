@@ -750,6 +750,92 @@ TEST_CASE("bad input gets a clear error (exit code 2), never a crash") {
     remove(bad.c_str());
 }
 
+// =============================================================================================
+// Training keeps its work: --resume continues exactly; a NaN stops the run and keeps the last checkpoint
+// =============================================================================================
+static Args train_args(std::vector<std::string> v) {
+    v.insert(v.begin(), {"bt", "train"});
+    std::vector<char*> argv;
+    for (auto& x : v) argv.push_back((char*)x.c_str());
+    Args a;
+    parse_args(a, (int)argv.size(), argv.data());
+    return a;
+}
+static const std::vector<std::string> SMALL_RUN = {"--model", "bt", "--joint", "--task", "add", "--steps", "12",
+    "--batch", "4", "--d-model", "16", "--layers", "2", "--heads", "2", "--max-seq-len", "128", "--save-every", "5",
+    "--log-every", "100", "--seed", "3"};
+static std::vector<std::string> with(std::vector<std::string> v, const std::vector<std::string>& more) {
+    v.insert(v.end(), more.begin(), more.end());
+    return v;
+}
+
+TEST_CASE("a run stopped midway and resumed ends bitwise equal to the run left alone (joint, processor on)") {
+    std::string a = "/tmp/bt_test_whole.safetensors", b = "/tmp/bt_test_stopped.safetensors";
+    TrainRun A;
+    train_setup(A, train_args(with(SMALL_RUN, {"--out", a})));
+    train_steps(A, 12);
+    save_run(A);
+    {
+        TrainRun B;   // saves at step 5 and 10, then is dropped at step 8 without a word
+        train_setup(B, train_args(with(SMALL_RUN, {"--out", b})));
+        train_steps(B, 8);
+    }
+    TrainRun C;
+    train_setup(C, train_args({"--resume", b}));
+    CHECK(C.step == 5);
+    train_steps(C, 12);
+    save_run(C);
+    REQUIRE(C.losses.size() == 12);
+    CHECK(memcmp(C.losses.data(), A.losses.data(), 12 * sizeof(float)) == 0);
+    CHECK(memcmp(C.M.params.data(), A.M.params.data(), A.M.n_params * sizeof(float)) == 0);
+    CHECK(memcmp(C.M.m.data(), A.M.m.data(), A.M.n_params * sizeof(float)) == 0);
+    CHECK(memcmp(C.M.v.data(), A.M.v.data(), A.M.n_params * sizeof(float)) == 0);
+    CHECK(read_bytes(a) == read_bytes(b));
+    CHECK(read_bytes(state_path(a)) == read_bytes(state_path(b)));
+    printf("  losses of steps 6..12 after resuming: ");
+    for (int i = 5; i < 12; i++) printf("%.4f ", C.losses[i]);
+    printf("(bitwise equal to the run never stopped)\n");
+
+    // what --resume refuses
+    std::string msg;
+    TrainRun X;
+    CHECK(error_code([&] { train_setup(X, train_args({"--resume", b, "--lr", "0.1"})); }, &msg) == 2);
+    CHECK(msg.find("--lr") != std::string::npos);
+    CHECK(error_code([&] { train_setup(X, train_args({"--resume", "/tmp/bt_no_such_run.safetensors"})); }) == 2);
+    std::string mixed = read_bytes(a);   // a checkpoint from step 12 beside a state from step 5
+    TrainRun D;
+    train_setup(D, train_args(with(SMALL_RUN, {"--out", b})));
+    train_steps(D, 5);
+    save_run(D);
+    write_bytes(b, mixed);
+    CHECK(error_code([&] { TrainRun Y; train_setup(Y, train_args({"--resume", b})); }, &msg) == 2);
+    CHECK(msg.find("step 12") != std::string::npos);
+    for (auto& p : {a, b}) { remove(p.c_str()); remove(state_path(p).c_str()); }
+}
+
+TEST_CASE("a NaN loss stops the run (exit 1) and leaves the last good checkpoint") {
+    std::string path = "/tmp/bt_test_nan.safetensors";
+    TrainRun R;
+    train_setup(R, train_args(with(SMALL_RUN, {"--out", path})));
+    train_steps(R, 7);   // saved at step 5
+    std::vector<float> saved_at_7 = R.M.params;
+    R.M.w.tok_emb[5 * R.M.cfg.C] = NAN;   // one weight of the digit '1' goes bad
+    std::string msg;
+    CHECK(error_code([&] { train_steps(R, 12); }, &msg) == 1);
+    CHECK(msg.find("the loss is") != std::string::npos);
+    CHECK(msg.find("nan") != std::string::npos);
+    CHECK(R.step == 7);
+    SafeFile f = read_safetensors(path);
+    CHECK(f.meta.at("step") == "5");
+    Model M;
+    load_model(M, path);
+    bool finite = true;
+    for (float x : M.params) finite &= std::isfinite(x);
+    CHECK(finite);
+    remove(path.c_str());
+    remove(state_path(path).c_str());
+}
+
 TEST_CASE("results are identical for 1 and 2 threads (three training steps with the processor)") {
 #ifdef _OPENMP
     std::vector<float> out[2];
