@@ -1,5 +1,6 @@
-# bt -- make | make test | make train | make reference | make debug | make bench (later)
+# bt -- make | make test | make train | make reference | make debug | make sanitize | make fuzz | make resume-test
 # Options: NO_OMP=1 (no OpenMP), USE_CUDA=1 (kernels.cu through nvcc; see the CUDA issue)
+SHELL    := /bin/bash
 CXX      ?= g++
 CXXFLAGS ?= -O3
 CXXFLAGS += -std=c++17 -Wall -Wextra
@@ -28,7 +29,7 @@ ifeq ($(USE_CUDA),1)
   $(info ✗ CUDA (USE_CUDA=1: kernels.cu is not written yet; building the CPU version))
 endif
 
-.PHONY: all test train reference debug sanitize clean deps
+.PHONY: all test train reference debug sanitize fuzz resume-test clean deps
 all: bt
 
 bt: bt.cpp tensor.hpp
@@ -45,7 +46,7 @@ deps:
 	  fi; \
 	fi
 
-tests/test_bt: tests/test_bt.cpp bt.cpp tensor.hpp | deps
+tests/test_bt: tests/test_bt.cpp tests/fuzz.cpp bt.cpp tensor.hpp | deps
 	$(CXX) $(CXXFLAGS) -o $@ tests/test_bt.cpp
 
 test: deps tests/test_bt
@@ -72,5 +73,27 @@ sanitize: deps
 	  $(filter -fopenmp -march=native,$(CXXFLAGS)) -o tests/test_bt_san tests/test_bt.cpp
 	UBSAN_OPTIONS=halt_on_error=1 ./tests/test_bt_san
 
+# a run killed with SIGKILL midway, resumed with --resume, ends bitwise equal to one never killed
+resume-test: bt
+	tests/resume_kill.sh ./bt
+
+# libFuzzer (clang from Debian) on the checkpoint loader and the data-file parser, FUZZ_SECONDS each.
+# New inputs go to a scratch corpus; an input that crashes is written to tests/fuzz/<target>/ so
+# that make test replays it from then on.
+FUZZ_SECONDS ?= 120
+FUZZ_FLAGS = -std=c++17 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -Wno-unknown-pragmas
+fuzz: tests/fuzz.cpp bt.cpp tensor.hpp
+	@command -v clang++ >/dev/null || { echo "make fuzz needs clang: apt-get install clang"; exit 1; }
+	clang++ $(FUZZ_FLAGS) -DFUZZ_CHECKPOINT -o tests/fuzz_checkpoint tests/fuzz.cpp
+	clang++ $(FUZZ_FLAGS) -DFUZZ_DATA -o tests/fuzz_data tests/fuzz.cpp
+	@for t in checkpoint data; do \
+	  corpus=$$(mktemp -d); \
+	  echo "== fuzzing $$t for $(FUZZ_SECONDS) s"; \
+	  ./tests/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -max_len=8192 -print_final_stats=1 \
+	    -artifact_prefix=tests/fuzz/$$t/crash- $$corpus tests/fuzz/$$t 2>&1 | grep -E "^(stat::number_of_executed_units|stat::new_units_added|==[0-9]+==ERROR|SUMMARY|Done)" ; \
+	  status=$${PIPESTATUS[0]}; rm -rf $$corpus; \
+	  [ $$status = 0 ] || { echo "fuzz_$$t found a crash: the input is in tests/fuzz/$$t/"; exit 1; }; \
+	done
+
 clean:
-	rm -f bt bt_debug tests/test_bt tests/test_bt_san
+	rm -f bt bt_debug tests/test_bt tests/test_bt_san tests/fuzz_checkpoint tests/fuzz_data

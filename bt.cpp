@@ -1408,6 +1408,9 @@ static SafeFile parse_safetensors(const std::string& bytes, const std::string& p
                 BAD_INPUT("%s: tensor '%s' has a bad dimension in its shape", path.c_str(), name.c_str());
             T.shape.push_back((int)d.num);
             numel *= (uint64_t)d.num;
+            if (numel > data_len / 4)   // also stops the product from wrapping around 2^64
+                BAD_INPUT("%s: tensor '%s' has a shape with more elements than the file's %zu data bytes hold", path.c_str(),
+                          name.c_str(), data_len);
         }
         double b0 = of->arr[0].num, b1 = of->arr[1].num;
         if (of->arr[0].kind != Json::NUM || of->arr[1].kind != Json::NUM || !(b0 >= 0) || !(b1 >= b0) ||

@@ -8,7 +8,9 @@
 #define BT_TESTING
 #pragma GCC diagnostic ignored "-Wunused-function"   // the CLI commands, which only main() calls
 #include "../bt.cpp"
+#include "fuzz.cpp"
 
+#include <filesystem>
 #include <functional>
 #include <unistd.h>
 
@@ -834,6 +836,23 @@ TEST_CASE("a NaN loss stops the run (exit 1) and leaves the last good checkpoint
     CHECK(finite);
     remove(path.c_str());
     remove(state_path(path).c_str());
+}
+
+TEST_CASE("inputs the fuzzers found (and their seeds) end in success or a clear error, under the same checks") {
+    int n = 0;
+    for (const char* target : {"checkpoint", "data"})
+        for (auto& e : std::filesystem::directory_iterator(std::string("tests/fuzz/") + target)) {
+            std::string bytes = read_bytes(e.path().string());
+            if (target[0] == 'c') fuzz_checkpoint(bytes);
+            else fuzz_data(bytes);
+            n++;
+        }
+    printf("  replayed %d inputs from tests/fuzz/\n", n);
+    CHECK(n >= 4);
+    std::string msg;
+    CHECK(error_code([&] { parse_safetensors(read_bytes("tests/fuzz/checkpoint/shape-overflows-uint64.safetensors"), "x"); },
+                     &msg) == 2);
+    CHECK(msg.find("more elements") != std::string::npos);
 }
 
 TEST_CASE("results are identical for 1 and 2 threads (three training steps with the processor)") {
