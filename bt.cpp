@@ -445,6 +445,7 @@ struct RunState {
     std::vector<UndoRecord> undo;      // one record per (boundary, layer), in firing order
     std::vector<int> undo_sel;
     std::vector<float> undo_u;
+    std::vector<int> bounds;           // segment starts of the current batch, then T (segment_bounds)
     int n_tok = 0;                     // positions filled so far (decoding)
 };
 
@@ -499,6 +500,7 @@ static void run_state_build(RunState& S, const Config& c, int T, int B, bool tra
     S.pos = S.targets + (long)T * B;
     S.pa.sel = S.pos + (long)T * B;
     for (long r = 0; r < (long)T * B; r++) S.pos[r] = (int)(r / B);
+    S.bounds.reserve(T + 1);   // so that a training step allocates nothing
     // the undo log: enough for the whole cache rewritten at every boundary of a periodic schedule
     // (sum over boundaries of e), or for newline (every position once plus k recalled per boundary)
     if (c.dp > 0) {
@@ -757,12 +759,14 @@ static bool is_boundary(const Config& c, int t, int tok) {
     return t > 0 && (c.periodic > 0 ? t % c.periodic == 0 : tok == NEWLINE);
 }
 
-// Segment starts for a batch: 0, every boundary, then T (the end). All sequences of a batch share
-// their newline positions, so sequence 0 decides.
-static std::vector<int> segment_bounds(const Config& c, const int* tokens, int T, int B) {
-    std::vector<int> b = {0};
+// Segment starts for a batch into S.bounds: 0, every boundary, then T (the end). All sequences of
+// a batch share their newline positions, so sequence 0 decides.
+static const std::vector<int>& segment_bounds(const Config& c, RunState& S, int T) {
+    std::vector<int>& b = S.bounds;
+    b.clear();
+    b.push_back(0);
     for (int t = 1; t < T; t++)
-        if (is_boundary(c, t, tokens[(long)t * B])) b.push_back(t);
+        if (is_boundary(c, t, S.tokens[(long)t * S.B])) b.push_back(t);
     b.push_back(T);
     return b;
 }
@@ -795,7 +799,7 @@ static float forward_sequence(const Model& M, RunState& S, int T, const TrainMod
     if (!mode.use_proc && !mode.segmented) {   // no processor: the segment loop is one full causal pass
         backbone_forward(M, S, 0, T);
     } else {
-        std::vector<int> b = segment_bounds(M.cfg, S.tokens, T, S.B);
+        const std::vector<int>& b = segment_bounds(M.cfg, S, T);
         for (size_t j = 0; j + 1 < b.size(); j++) {
             backbone_forward(M, S, b[j], b[j + 1]);
             if (mode.use_proc && j + 2 < b.size()) {
@@ -815,7 +819,7 @@ static void backward_sequence(Model& M, RunState& S, int T, const TrainMode& mod
     const Config& c = M.cfg;
     for (int l = 0; l < c.L; l++) { zero(S.dK[l], (long)T * S.B * c.C); zero(S.dV[l], (long)T * S.B * c.C); }
     if (!mode.use_proc && !mode.segmented) { backbone_backward(M, S, 0, T, mode.train_backbone); return; }
-    std::vector<int> b = segment_bounds(c, S.tokens, T, S.B);
+    const std::vector<int>& b = segment_bounds(c, S, T);
     int nseg = (int)b.size() - 1;
     int r = (int)S.undo.size();   // undo records are consumed from the end
     for (int j = nseg - 1; j >= 0; j--) {

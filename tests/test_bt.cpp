@@ -10,9 +10,23 @@
 #include "../bt.cpp"
 #include "fuzz.cpp"
 
+#include <atomic>
 #include <filesystem>
 #include <functional>
+#include <new>
 #include <unistd.h>
+
+// Every operator new in this test binary is counted, so a test can check that a training or a
+// decoding step allocates nothing once its buffers are built.
+static std::atomic<long> g_allocations{0};
+void* operator new(size_t n) {
+    g_allocations++;
+    if (void* p = malloc(n ? n : 1)) return p;
+    throw std::bad_alloc();
+}
+#pragma GCC diagnostic ignored "-Wmismatched-new-delete"   // these deletes pair with the new above
+void operator delete(void* p) noexcept { free(p); }
+void operator delete(void* p, size_t) noexcept { free(p); }
 
 // ---------------------------------------------------------------------------------------------
 // check_tensor: prints the first pairs, max abs / rel diff, the worst index and how much of the
@@ -474,7 +488,7 @@ TEST_CASE("the undo log restores the cache bitwise at every boundary of the back
     long n = (long)T * S.B * c.C;
     set_targets(S, T);
     // forward by hand, keeping a copy of every layer's cache just before each rewrite
-    std::vector<int> b = segment_bounds(c, S.tokens, T, S.B);
+    std::vector<int> b = segment_bounds(c, S, T);
     std::vector<std::vector<float>> before;   // [boundary * L + l] -> K then V
     for (size_t j = 0; j + 1 < b.size(); j++) {
         backbone_forward(M, S, b[j], b[j + 1]);
@@ -853,6 +867,39 @@ TEST_CASE("inputs the fuzzers found (and their seeds) end in success or a clear 
     CHECK(error_code([&] { parse_safetensors(read_bytes("tests/fuzz/checkpoint/shape-overflows-uint64.safetensors"), "x"); },
                      &msg) == 2);
     CHECK(msg.find("more elements") != std::string::npos);
+}
+
+TEST_CASE("a training step and a decoding step allocate nothing once the buffers are built") {
+    for (int proc = 0; proc <= 1; proc++) {
+        Model M;
+        tiny_model(M, proc, 61);
+        RunState S;
+        int T = tiny_batch(S, M.cfg, true);
+        TrainMode mode;
+        mode.use_proc = proc;
+        OptConfig o;
+        long counts[3];
+        for (int t = 0; t < 3; t++) {   // the first step may grow the per-thread matmul scratch
+            long before = g_allocations;
+            std::fill(M.grads.begin(), M.grads.end(), 0.0f);
+            forward_sequence(M, S, T, mode);
+            backward_sequence(M, S, T, mode);
+            optimizer_step(M, o, t, mode);
+            counts[t] = g_allocations - before;
+        }
+        Decoder D;
+        decoder_init(D, M);
+        std::vector<int> toks = tokenize("1*4-0+3\n1*4=4\n4-0=4\n", "test");
+        decoder_feed(D, toks.data(), 3);   // warm up
+        long before = g_allocations;
+        for (size_t i = 3; i < toks.size(); i++) { decoder_feed(D, &toks[i], 1); decoder_argmax(D); }
+        long dec = g_allocations - before;
+        printf("  %s: allocations in training steps 1, 2, 3: %ld, %ld, %ld; in %zu decoding steps: %ld\n",
+               proc ? "processor on" : "backbone", counts[0], counts[1], counts[2], toks.size() - 3, dec);
+        CHECK(counts[1] == 0);
+        CHECK(counts[2] == 0);
+        CHECK(dec == 0);
+    }
 }
 
 TEST_CASE("results are identical for 1 and 2 threads (three training steps with the processor)") {
