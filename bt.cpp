@@ -25,6 +25,7 @@
 #include <stdexcept>
 #include <string>
 #include <vector>
+#include <sys/resource.h>
 
 #include "tensor.hpp"
 
@@ -1621,8 +1622,10 @@ static const FlagSpec FLAGS[] = {
     {"prompt", "", "question to continue (a newline is added if missing)"},
     {"trace", "", "print what every bottleneck step selects and changes"},
     {"text-file", "", "examples to score"},
+    {"quick", "", "a short run (a smoke test, not for the figures)"},
+    {"torch", "", "PyTorch's rows, JSON lines from tests/bench_torch.py (FILE[,FILE...]; make bench writes them)"},
 };
-static const char* BOOL_FLAGS[] = {"joint", "trace"};
+static const char* BOOL_FLAGS[] = {"joint", "trace", "quick"};
 
 struct Command { const char* name; const char* flags; const char* help; };
 static const Command COMMANDS[] = {
@@ -1632,6 +1635,7 @@ static const Command COMMANDS[] = {
     {"eval", "ckpt task data sizes n seed", "greedy decoding accuracy per problem size"},
     {"generate", "ckpt prompt trace", "greedy continuation of a prompt"},
     {"score", "ckpt text-file", "log-probability of every target token of the examples in a file"},
+    {"bench", "quick torch", "tokens/s for training and decoding, matmul GFLOP/s, memory (beside PyTorch: make bench)"},
 };
 
 struct Args {
@@ -1677,7 +1681,7 @@ static bool parse_args(Args& a, int argc, char** argv) {
     const Command* cmd = nullptr;
     for (auto& c : COMMANDS)
         if (a.cmd == c.name) cmd = &c;
-    if (!cmd) BAD_INPUT("unknown command '%s' (commands: train, eval, generate, score; try bt --help)", a.cmd.c_str());
+    if (!cmd) BAD_INPUT("unknown command '%s' (commands: train, eval, generate, score, bench; try bt --help)", a.cmd.c_str());
     std::set<std::string> allowed;
     std::stringstream ss(cmd->flags);
     std::string f;
@@ -1804,6 +1808,8 @@ struct TrainRun {
     std::vector<float> losses;                 // (step) the loss of every completed step
     std::string out;                           // the checkpoint's path
     std::string task;                          // task name or "file" (checkpoint metadata)
+    bool quiet = false;                        // no header, no progress lines (bench, experiment)
+    long tokens = 0;                           // tokens trained on in this session (padding included)
     std::map<std::string, std::string> flags;  // the flags given on the command line (for --resume)
 };
 
@@ -1932,6 +1938,7 @@ static void train_setup(TrainRun& R, const Args& given) {
     int T = max_tokens(R.D);
     run_state_build(R.S, R.M.cfg, T, R.B, true);
     if (given.has("resume")) restore_run(R, state, a.str("out"));
+    if (R.quiet) return;
     print_train_header(a, R.M, R.mode, o, R.D, R.B, T, seed);
     if (given.has("resume")) printf("  resume   %s at step %d of %d\n", a.str("out").c_str(), R.step, o.steps);
 }
@@ -1960,7 +1967,8 @@ static void train_steps(TrainRun& R, int until) {
         R.step++;
         double dt = now_seconds() - t0, el = now_seconds() - t_start;
         tokens += (long)Tb * R.B;
-        if (R.step % R.log_every == 0 || t == first || R.step == R.o.steps) {
+        R.tokens += (long)Tb * R.B;
+        if (!R.quiet && (R.step % R.log_every == 0 || t == first || R.step == R.o.steps)) {
             printf("step %5d/%d | loss %.4f | norm %6.3f | lr %.1e | %6.1f ms | %6.0f tok/s | ETA %s\n", R.step,
                    R.o.steps, loss, norm, lr_at(R.o, t), dt * 1e3, tokens / el,
                    fmt_time(el / (R.step - first) * (R.o.steps - R.step)).c_str());
@@ -2092,6 +2100,260 @@ static void cmd_score(const Args& a) {
     printf("total\t%.6f\n", total);
 }
 
+// =============================================================================================
+// bt bench: training and decoding tokens/s, matmul GFLOP/s at the model's shapes, peak memory,
+// and how training cost grows with width and with the number of boundaries. make bench first runs
+// the same model in PyTorch (tests/bench_torch.py: Debian's torch, and PyPI's in a venv, eager and
+// compiled) and hands its JSON lines to --torch, so the table shows bt / fastest PyTorch per row.
+// =============================================================================================
+struct BenchRow {
+    std::string key, label, unit;   // key: as tests/bench_torch.py names the row
+    double bt = 0;
+};
+
+// a run set up as bt train would; frozen: the backbone gets no weight updates (as with --init)
+static void bench_run(TrainRun& R, std::vector<std::string> flags, bool frozen) {
+    flags.insert(flags.begin(), {"bt", "train"});
+    std::vector<char*> argv;
+    for (auto& f : flags) argv.push_back((char*)f.c_str());
+    Args a;
+    parse_args(a, (int)argv.size(), argv.data());
+    R.quiet = true;
+    train_setup(R, a);
+    if (frozen) R.mode.train_backbone = false;
+}
+
+// training tokens/s over `steps` steps after 2 warm-up steps; sizes lo..hi of chain (0: the task's)
+static double bench_train(const std::vector<std::string>& flags, bool frozen, int steps, int lo = 0, int hi = 0,
+                          double* mean_T = nullptr) {
+    TrainRun R;
+    bench_run(R, flags, frozen);
+    if (lo > 0) {
+        R.D.lo = lo; R.D.hi = hi;
+        run_state_build(R.S, R.M.cfg, max_tokens(R.D), R.B, true);
+    }
+    R.o.steps = steps + 2;
+    train_steps(R, 2);
+    R.tokens = 0;
+    double t0 = now_seconds();
+    train_steps(R, steps + 2);
+    double dt = now_seconds() - t0;
+    if (mean_T) *mean_T = (double)R.tokens / R.B / steps;
+    return R.tokens / dt;
+}
+
+// Decoding with the KV cache, one token at a time after the question: the reference continuation
+// is fed (so every run decodes the same tokens and the processor fires at the same newlines) and
+// the greedy choice is computed at every step, as generate() does. B sequences run side by side,
+// one decoder per thread (as bt eval runs). Returns continuation tokens per second.
+static double bench_decode(const Model& M, int B, int rounds) {
+    Rng r(99);
+    std::vector<std::vector<int>> seqs;
+    std::vector<int> qlen;
+    for (int i = 0; i < B; i++) {
+        std::string ex = gen_example(TASK_CHAIN, r, 8, true);
+        seqs.push_back(tokenize(ex, "bench"));
+        qlen.push_back((int)question_of(ex).size() + 1);
+    }
+    long tokens = 0;
+    for (int i = 0; i < B; i++) tokens += (long)(seqs[i].size() - qlen[i]) * rounds;
+    double t0 = now_seconds();
+    #pragma omp parallel if (B > 1)
+    {
+        Decoder D;
+        decoder_init(D, M);
+        #pragma omp for schedule(dynamic)
+        for (int j = 0; j < B * rounds; j++) {
+            const std::vector<int>& tk = seqs[j % B];
+            decoder_reset(D);
+            decoder_feed(D, tk.data(), qlen[j % B]);
+            volatile int sink = decoder_argmax(D);
+            for (size_t t = qlen[j % B]; t < tk.size(); t++) {
+                decoder_feed(D, &tk[t], 1);
+                sink = decoder_argmax(D);
+            }
+            (void)sink;
+        }
+    }
+    return tokens / (now_seconds() - t0);
+}
+
+// GFLOP/s of out = inp W^T, (N,IC) x (OC,IC), forward; fast or naive
+static double bench_matmul(int N, int IC, int OC, bool fast, double seconds) {
+    std::vector<float> inp((long)N * IC), W((long)OC * IC), out((long)N * OC);
+    Rng r(5);
+    for (auto& x : inp) x = r.normal();
+    for (auto& x : W) x = r.normal();
+    long reps = 0;
+    double t0 = now_seconds(), t;
+    do {
+        if (fast) matmul_forward(out.data(), inp.data(), W.data(), N, IC, OC);
+        else matmul_forward_naive(out.data(), inp.data(), W.data(), N, IC, OC);
+        reps++;
+        t = now_seconds() - t0;
+    } while (t < seconds);
+    return 2.0 * N * IC * OC * reps / t / 1e9;
+}
+
+// forward FLOPs per token of the model: every matmul (2 per multiply-add) and attention's two
+// products over an average context of (T+1)/2; training is 3x (forward, then dx and dW)
+static double flops_per_token(const Config& c, double T) {
+    double mm = (double)c.L * (4.0 * c.C * c.C + 3.0 * c.C * c.F) + (double)c.C * c.V;
+    double att = (double)c.L * 2.0 * c.C * (T + 1) / 2;
+    return 2.0 * (mm + att);
+}
+
+static double peak_rss_mib() {
+    struct rusage u;
+    getrusage(RUSAGE_SELF, &u);
+    return u.ru_maxrss / 1024.0;
+}
+
+// PyTorch's rows: for each key, the best value over every file and implementation
+struct TorchBest { double value = 0; std::string impl; };
+static std::map<std::string, TorchBest> read_torch_rows(const std::string& files, std::vector<std::string>* infos) {
+    std::map<std::string, TorchBest> best;
+    std::stringstream ss(files);
+    std::string path;
+    while (std::getline(ss, path, ',')) {
+        std::ifstream f(path);
+        if (!f) { infos->push_back(path + ": missing (that PyTorch did not run)"); continue; }
+        std::string line;
+        while (std::getline(f, line)) {
+            if (line.empty() || line[0] != '{') continue;
+            JsonParser jp{line, 0, path};
+            Json j = jp.value(0);
+            const Json *row = j.get("row"), *val = j.get("value"), *impl = j.get("impl");
+            if (!row || row->kind != Json::STR) continue;
+            if (row->str == "info") {
+                std::string s;
+                for (auto& kv : j.obj)
+                    if (kv.second.kind == Json::STR) s += kv.first + " " + kv.second.str + ", ";
+                    else if (kv.second.kind == Json::NUM) s += kv.first + " " + strf("%g", kv.second.num) + ", ";
+                infos->push_back(path + ": " + s);
+                continue;
+            }
+            if (!val || val->kind != Json::NUM) {
+                const Json* err = j.get("error");
+                infos->push_back(row->str + " (" + (impl && impl->kind == Json::STR ? impl->str : "?") + ") failed: " +
+                                 (err && err->kind == Json::STR ? err->str.substr(0, 160) : "no value"));
+                continue;
+            }
+            std::string key = row->str;
+            if (const Json* sh = j.get("shape"))
+                for (auto& d : sh->arr) key += strf("_%d", (int)d.num);
+            bool lower_better = key == "peak_rss_mib";
+            TorchBest& b = best[key];
+            if (b.impl.empty() || (lower_better ? val->num < b.value : val->num > b.value))
+                b = {val->num, impl && impl->kind == Json::STR ? impl->str : "?"};
+        }
+    }
+    return best;
+}
+
+static void cmd_bench(const Args& a) {
+    bool quick = a.has("quick");
+    int steps = quick ? 3 : 20, rounds = quick ? 1 : 4;
+    double mm_seconds = quick ? 0.2 : 1.0;
+    std::vector<std::string> infos;
+    std::map<std::string, TorchBest> torch;
+    if (a.has("torch")) torch = read_torch_rows(a.str("torch"), &infos);
+    printf("bt bench | %s | default model (d_model 128, 4 layers, processor width 64, k 4), chain, batch 32\n",
+           build_flags().c_str());
+    for (auto& s : infos) printf("  torch: %s\n", s.c_str());
+    fflush(stdout);
+
+    std::vector<BenchRow> rows;
+    auto add = [&](const std::string& key, const std::string& label, const std::string& unit, double v) {
+        rows.push_back({key, label, unit, v});
+        fprintf(stderr, "  measured %-34s %10.1f %s\n", label.c_str(), v, unit.c_str());
+    };
+    const std::vector<std::string> base = {"--task", "chain", "--batch", "32", "--seed", "1"};
+    std::vector<std::string> bt = base;
+    bt.insert(bt.end(), {"--model", "bt", "--joint"});
+    std::vector<std::string> step = bt;
+    step.insert(step.end(), {"--bptt", "step"});
+    double mean_T = 0;
+    double van = bench_train(base, false, steps, 0, 0, &mean_T);
+    add("train_vanilla", "train vanilla", "tok/s", van);
+    add("train_bt_frozen_full", "train bt frozen, bptt full", "tok/s", bench_train(bt, true, steps));
+    add("train_bt_frozen_step", "train bt frozen, bptt step", "tok/s", bench_train(step, true, steps));
+    add("train_bt_joint", "train bt joint", "tok/s", bench_train(bt, false, steps));
+
+    Model V, P;
+    { TrainRun R; bench_run(R, base, false); V = R.M; }
+    { TrainRun R; bench_run(R, bt, false); P = R.M; }
+    int nth = 1;
+#ifdef _OPENMP
+    nth = omp_get_max_threads();
+#endif
+    add("decode_vanilla_b1", "decode vanilla, batch 1", "tok/s", bench_decode(V, 1, rounds * 8));
+    add("decode_vanilla_b32", "decode vanilla, batch 32", "tok/s", bench_decode(V, 32, rounds));
+    add("decode_bt_b1", "decode bt, batch 1", "tok/s", bench_decode(P, 1, rounds * 8));
+    add("decode_bt_b32", "decode bt, batch 32", "tok/s", bench_decode(P, 32, rounds));
+
+    // the training step's matmuls at batch 32 x ~40 positions: q/k/v/o, w1/w3, w2, the output head
+    const int shapes[][3] = {{1280, 128, 128}, {1280, 128, 384}, {1280, 384, 128}, {1280, 128, 48}, {1024, 1024, 1024}};
+    double mm_sum = 0;
+    int mm_n = 0;
+    for (auto& sh : shapes) {
+        std::string key = strf("sgemm_%d_%d_%d", sh[0], sh[1], sh[2]);
+        double g = bench_matmul(sh[0], sh[1], sh[2], true, mm_seconds);
+        add(key, strf("matmul %dx%d->%d", sh[0], sh[1], sh[2]), "GFLOP/s", g);
+        if (sh[0] == 1280) { mm_sum += g; mm_n++; }
+    }
+    add("naive_1280_128_384", "matmul 1280x128->384 (naive loop)", "GFLOP/s", bench_matmul(1280, 128, 384, false, mm_seconds));
+    double model_gflops = van * 3 * flops_per_token(V.cfg, mean_T) / 1e9;
+    add("train_vanilla_gflops", "train vanilla, model FLOP/s", "GFLOP/s", model_gflops);
+
+    // how the cost grows: width, and the number of boundaries (chain n = lines = boundaries)
+    for (int C : {64, 256}) {
+        std::vector<std::string> f = base;
+        f.insert(f.end(), {"--d-model", std::to_string(C)});
+        add(strf("train_vanilla_d%d", C), strf("train vanilla, d_model %d", C), "tok/s", bench_train(f, false, steps));
+    }
+    for (int n : {4, 8, 16}) {
+        double T = 0;
+        double v = bench_train(bt, true, steps, n, n, &T);
+        add(strf("train_bt_frozen_full_n%d", n), strf("train bt frozen full, %d boundaries (T %.0f)", n, T), "tok/s", v);
+    }
+    add("peak_rss_mib", "peak resident memory", "MiB", peak_rss_mib());
+
+    // the table
+    double peak = torch.count("sgemm_peak") ? torch["sgemm_peak"].value : 0;
+    if (torch.count("sgemm_1024_1024_1024")) peak = std::max(peak, torch["sgemm_1024_1024_1024"].value);
+    printf("\n%-46s %12s %12s  %-28s %8s\n", "row", "bt", "PyTorch", "(fastest PyTorch)", "bt/torch");
+    for (auto& r : rows) {
+        auto it = torch.find(r.key);
+        if (r.key == "train_vanilla_gflops" && peak > 0) {
+            printf("%-46s %12.1f %12.1f  %-28s %7.0f%%\n", (r.label + " / sgemm peak").c_str(), r.bt, peak,
+                   "OpenBLAS sgemm 1024^3", 100 * r.bt / peak);
+            continue;
+        }
+        if (it == torch.end()) {
+            printf("%-46s %12.1f %12s  %-28s %8s\n", (r.label + " " + r.unit).c_str(), r.bt, "-", "", "");
+            continue;
+        }
+        double ratio = r.key == "peak_rss_mib" ? it->second.value / r.bt : r.bt / it->second.value;
+        printf("%-46s %12.1f %12.1f  %-28s %7.2fx%s\n", (r.label + " " + r.unit).c_str(), r.bt, it->second.value,
+               it->second.impl.substr(0, 28).c_str(), ratio, r.key == "peak_rss_mib" ? " less" : "");
+    }
+    if (mm_n && !torch.empty()) {
+        double tsum = 0;
+        int tn = 0;
+        for (auto& sh : shapes)
+            if (sh[0] == 1280 && torch.count(strf("sgemm_%d_%d_%d", sh[0], sh[1], sh[2]))) {
+                tsum += torch[strf("sgemm_%d_%d_%d", sh[0], sh[1], sh[2])].value;
+                tn++;
+            }
+        if (tn == mm_n) printf("%-46s %12.1f %12.1f  %-28s %7.0f%%\n", "matmul at the model's shapes (mean GFLOP/s)",
+                               mm_sum / mm_n, tsum / tn, "OpenBLAS sgemm, same shapes", 100 * mm_sum / tsum);
+    }
+    printf("\nthreads: %d. Decoding feeds the reference continuation token by token (the greedy choice is\n"
+           "computed at each step); batch 32 = 32 sequences, one decoder per thread. FLOPs per training token:\n"
+           "%.2f MFLOP (3 x forward at mean T %.1f).\n", nth, 3 * flops_per_token(V.cfg, mean_T) / 1e6, mean_T);
+}
+
 #ifndef BT_TESTING
 int main(int argc, char** argv) {
     try {
@@ -2101,6 +2363,7 @@ int main(int argc, char** argv) {
         else if (a.cmd == "eval") cmd_eval(a);
         else if (a.cmd == "generate") cmd_generate(a);
         else if (a.cmd == "score") cmd_score(a);
+        else if (a.cmd == "bench") cmd_bench(a);
         return 0;
     } catch (BtError& e) {
         fprintf(stderr, "bt: error: %s\n", e.what());
