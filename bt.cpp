@@ -141,6 +141,8 @@ struct Config {
     int fp = 0;           // processor SwiGLU hidden width
     int k = 4;            // top-k reconsolidated older entries per layer (newline schedule)
     int periodic = 0;     // 0: newline schedule; N > 0: periodic:N (whole cache every N tokens)
+    // pause-token baseline (DESIGN §7): this many PAUSE tokens are fed after every newline
+    int pause = 0;
 };
 
 static void validate_config(const Config& c) {
@@ -157,6 +159,18 @@ static void validate_config(const Config& c) {
         if (c.dp % c.nhp != 0 || (c.dp / c.nhp) % 2 != 0)
             BAD_INPUT("processor heads (%d) must divide the processor width (%d) into an even head size", c.nhp, c.dp);
     }
+    if (c.pause < 0 || c.pause > 64) BAD_INPUT("pause must be in [0, 64], got %d", c.pause);
+}
+
+// the text a pause model reads: P PAUSE tokens ('_') after every newline
+static std::string insert_pauses(const std::string& text, int P) {
+    if (P == 0) return text;
+    std::string out;
+    for (char ch : text) {
+        out += ch;
+        if (ch == '\n') out.append(P, '_');
+    }
+    return out;
 }
 
 // =============================================================================================
@@ -751,6 +765,7 @@ struct TrainMode {
     bool segmented = false;     // walk segments even without a processor (tests: must equal one pass)
     bool train_backbone = true; // backbone weights get gradients
     bool bptt_step = false;     // truncate at every boundary
+    bool pause_row_only = false; // pause-frozen: only the PAUSE row of tok_emb learns
 };
 
 // Is position t (holding token tok) a boundary, where the processor fires before tok is read?
@@ -852,28 +867,35 @@ static float lr_at(const OptConfig& o, int t) {   // t: 0-based step
     return lr_min + 0.5f * (o.lr - lr_min) * (float)(1.0 + cos(M_PI * progress));
 }
 
-static bool trainable(const ParamInfo& p, const TrainMode& mode) { return p.proc || mode.train_backbone; }
+// The part of tensor p that learns, as [off, off + n) of the flat parameters; false if none does.
+static bool trainable_span(const Model& M, const ParamInfo& p, const TrainMode& mode, long* off, long* n) {
+    *off = p.offset; *n = p.numel;
+    if (mode.pause_row_only) {   // pause-frozen: the PAUSE embedding row alone
+        *off = p.offset + (long)PAUSE * M.cfg.C; *n = M.cfg.C;
+        return p.name == "tok_emb";
+    }
+    return p.proc || mode.train_backbone;
+}
 
 // Returns the gradient norm before clipping.
 static float optimizer_step(Model& M, const OptConfig& o, int t, const TrainMode& mode) {
     double ss = 0.0;
+    long off, n;
     for (auto& p : M.table)
-        if (trainable(p, mode))
-            for (long i = 0; i < p.numel; i++) ss += (double)M.grads[p.offset + i] * M.grads[p.offset + i];
+        if (trainable_span(M, p, mode, &off, &n))
+            for (long i = off; i < off + n; i++) ss += (double)M.grads[i] * M.grads[i];
     float norm = (float)sqrt(ss);
     float coef = o.clip / (norm + 1e-6f);
     if (coef < 1.0f)
         for (auto& p : M.table)
-            if (trainable(p, mode))
-                for (long i = 0; i < p.numel; i++) M.grads[p.offset + i] *= coef;
+            if (trainable_span(M, p, mode, &off, &n))
+                for (long i = off; i < off + n; i++) M.grads[i] *= coef;
     M.adam_t++;
     float lr = lr_at(o, t);
-    for (auto& p : M.table) {
-        if (!trainable(p, mode)) continue;
-        long off = p.offset;
-        adamw_update(&M.params[off], &M.m[off], &M.v[off], &M.grads[off], p.numel, lr, o.b1, o.b2, o.eps,
-                     p.decay ? o.wd : 0.0f, M.adam_t);
-    }
+    for (auto& p : M.table)
+        if (trainable_span(M, p, mode, &off, &n))
+            adamw_update(&M.params[off], &M.m[off], &M.v[off], &M.grads[off], n, lr, o.b1, o.b2, o.eps,
+                         p.decay ? o.wd : 0.0f, M.adam_t);
     return norm;
 }
 
@@ -881,18 +903,20 @@ static float optimizer_step(Model& M, const OptConfig& o, int t, const TrainMode
 // Tasks: synthetic arithmetic, one reasoning step per line (DESIGN §6). An example's text is
 // "question\nline\n...\n#answer$" (no BOS). The size of an example is its number of steps.
 // =============================================================================================
-enum Task { TASK_CHAIN, TASK_ADD, TASK_VAR, TASK_FILE };
+enum Task { TASK_CHAIN, TASK_ADD, TASK_VAR, TASK_MUL, TASK_FILE };
 struct TaskInfo { const char* name; int train_lo, train_hi, ood_lo, ood_hi; };
 static const TaskInfo TASKS[] = {
     {"chain", 2, 8, 9, 16},   // n operations mod 10
     {"add", 1, 6, 7, 12},     // n-digit + n-digit, one column per line
     {"var", 2, 6, 8, 12},     // chain depth, with distractors
+    {"mul", 1, 3, 4, 5},      // n-digit x n-digit, one line per digit of the multiplier
 };
+static const int N_TASKS = 4;
 
 static Task parse_task(const std::string& s) {
-    for (int i = 0; i < 3; i++)
+    for (int i = 0; i < N_TASKS; i++)
         if (s == TASKS[i].name) return (Task)i;
-    BAD_INPUT("unknown task '%s' (expected chain, add or var)", s.c_str());
+    BAD_INPUT("unknown task '%s' (expected chain, add, var or mul)", s.c_str());
 }
 
 static int apply_op(int a, char op, int d) {
@@ -964,6 +988,33 @@ static std::string gen_var(Rng& r, int depth) {
     return q + lines + "\n#" + std::to_string(val) + "$";
 }
 
+// mul, numbers least-significant digit first: "21*43\n840,840\n0630,8040\n#8040$" is 12 x 34.
+// Line i holds the shifted partial product a * b_i * 10^i and the running sum, each written with
+// n+1+i digits (zeros fill the high end), so every example of a size has the same layout; the
+// answer has 2n digits.
+static std::string digits_lsb(uint64_t x, int width) {
+    std::string s;
+    for (int i = 0; i < width; i++, x /= 10) s += (char)('0' + x % 10);
+    return s;
+}
+static std::string gen_mul(Rng& r, int n) {
+    std::string qa, qb;
+    uint64_t a = 0, b = 0, p10 = 1;
+    for (int i = 0; i < n; i++, p10 *= 10) {
+        int da = r.randint(0, 9), db = r.randint(0, 9);
+        qa += (char)('0' + da); qb += (char)('0' + db);
+        a += da * p10; b += db * p10;
+    }
+    std::string lines;
+    uint64_t sum = 0, shift = 1;
+    for (int i = 0; i < n; i++, shift *= 10) {
+        uint64_t part = a * (uint64_t)(qb[i] - '0') * shift;
+        sum += part;
+        lines += "\n" + digits_lsb(part, n + 1 + i) + "," + digits_lsb(sum, n + 1 + i);
+    }
+    return qa + "*" + qb + lines + "\n#" + digits_lsb(sum, 2 * n) + "$";
+}
+
 static std::string question_of(const std::string& text) { return text.substr(0, text.find('\n')); }
 
 // Held-out split: a question whose FNV-1a hash is 0 mod 8 is for evaluation only; the training
@@ -976,7 +1027,8 @@ static bool is_eval_question(const std::string& q) {
 
 static std::string gen_example(Task task, Rng& r, int size, bool eval_split) {
     for (;;) {
-        std::string t = task == TASK_CHAIN ? gen_chain(r, size) : task == TASK_ADD ? gen_add(r, size) : gen_var(r, size);
+        std::string t = task == TASK_CHAIN ? gen_chain(r, size) : task == TASK_ADD ? gen_add(r, size)
+                       : task == TASK_VAR   ? gen_var(r, size) : gen_mul(r, size);
         if (is_eval_question(question_of(t)) == eval_split) return t;
     }
 }
@@ -1057,6 +1109,7 @@ struct DataStream {
     int lo = 0, hi = 0;
     std::vector<Example> file;                      // TASK_FILE
     std::map<std::string, std::vector<int>> by_layout;  // file examples grouped by newline layout
+    int pause = 0;                                  // PAUSE tokens after every newline (pause models)
     Rng rng{1};
 };
 
@@ -1074,11 +1127,11 @@ static std::vector<std::string> next_batch(DataStream& D, int B) {
     if (D.task == TASK_FILE) {
         const Example& first = D.file[D.rng.next() % D.file.size()];
         const std::vector<int>& same = D.by_layout[layout_key(first.text)];
-        for (int b = 0; b < B; b++) out.push_back(D.file[same[D.rng.next() % same.size()]].text);
+        for (int b = 0; b < B; b++) out.push_back(insert_pauses(D.file[same[D.rng.next() % same.size()]].text, D.pause));
         return out;
     }
     int size = D.rng.randint(D.lo, D.hi);
-    for (int b = 0; b < B; b++) out.push_back(gen_example(D.task, D.rng, size, false));
+    for (int b = 0; b < B; b++) out.push_back(insert_pauses(gen_example(D.task, D.rng, size, false), D.pause));
     return out;
 }
 
@@ -1086,12 +1139,13 @@ static std::vector<std::string> next_batch(DataStream& D, int B) {
 static int max_tokens(const DataStream& D) {
     int T = 0;
     if (D.task == TASK_FILE) {
-        for (auto& e : D.file) T = std::max(T, (int)e.text.size() + 1);
+        for (auto& e : D.file) T = std::max(T, (int)insert_pauses(e.text, D.pause).size() + 1);
         return T;
     }
     Rng r(7);
     for (int s = D.lo; s <= D.hi; s++)
-        for (int i = 0; i < 4; i++) T = std::max(T, (int)gen_example(D.task, r, s, false).size() + 1);
+        for (int i = 0; i < 4; i++)
+            T = std::max(T, (int)insert_pauses(gen_example(D.task, r, s, false), D.pause).size() + 1);
     return T + 2;   // add's final carry digit may not show up in 4 draws
 }
 
@@ -1101,20 +1155,68 @@ static int max_tokens(const DataStream& D) {
 // =============================================================================================
 struct Decoder {
     const Model* M;
-    RunState S;         // B = 1, T = max_seq_len, no gradients
-    int seg_start = 0;  // first position of the current segment
+    RunState S;         // B = 1, T = max_seq_len, no gradients. Row t of the cache is "slot" t
+    int seg_start = 0;  // first slot of the current segment (line)
     bool use_proc = false;
     FILE* trace = nullptr;
+    // H2O-style eviction (the evict baseline, a vanilla model only): at each newline keep the
+    // `evict` older slots with the most cumulative attention, plus the line just written
+    int evict = 0;               // budget B; 0: no eviction
+    int next_pos = 0;            // position of the next token (slots and positions part when evicting)
+    std::vector<float> score;    // (T) attention each slot has received, summed over layers, heads, queries
+    std::vector<int> keep;       // (T) scratch for the slots kept
 };
 
-static void decoder_init(Decoder& D, const Model& M) {
+static void decoder_init(Decoder& D, const Model& M, int evict = 0) {
     D.M = &M;
     run_state_build(D.S, M.cfg, M.cfg.T, 1, false);
     D.use_proc = M.cfg.dp > 0;
+    if (evict > 0 && D.use_proc) BAD_INPUT("eviction is a baseline for a vanilla model; this one has a processor");
+    D.evict = evict;
+    D.score.assign(M.cfg.T, 0.0f);
+    D.keep.assign(M.cfg.T, 0);
 }
 static void decoder_reset(Decoder& D) {
-    D.S.n_tok = 0; D.seg_start = 0;
+    D.S.n_tok = 0; D.seg_start = 0; D.next_pos = 0;
     D.S.undo.clear(); D.S.undo_sel.clear(); D.S.undo_u.clear();
+    std::fill(D.score.begin(), D.score.end(), 0.0f);
+}
+
+// the backbone on slots [s,e); with eviction on, add the attention they paid to every slot
+static void decoder_forward(Decoder& D, int s, int e) {
+    const Config& c = D.M->cfg;
+    backbone_forward(*D.M, D.S, s, e);
+    if (!D.evict) return;
+    for (int l = 0; l < c.L; l++)
+        for (int p = 0; p < e; p++) D.score[p] += attention_mass(D.S.acts[l].att, s, e, 0, p, 1, c.NH, D.S.T) * (e - s);
+}
+
+// Eviction at a newline: slots [0, seg_start) compete, the `evict` with the most cumulative
+// attention stay (ties to the earlier slot), the current line [seg_start, n_tok) stays; the cache
+// (K and V of every layer), tokens, positions and scores are compacted in order. Keys already
+// carry their rotation, so a kept entry keeps its position.
+static void evict_step(Decoder& D) {
+    RunState& S = D.S;
+    const Config& c = D.M->cfg;
+    int old = D.seg_start;
+    if (old <= D.evict) return;
+    int n = 0;
+    for (int p = 0; p < old; p++) {   // rank of p among the older slots: how many beat it
+        int beat = 0;
+        for (int q = 0; q < old; q++) beat += D.score[q] > D.score[p] || (D.score[q] == D.score[p] && q < p);
+        if (beat < D.evict) D.keep[n++] = p;
+    }
+    for (int p = old; p < S.n_tok; p++) D.keep[n++] = p;
+    for (int i = 0; i < n; i++) {   // keep[] ascends, so each move goes to a slot at or before its source
+        int from = D.keep[i];
+        for (int l = 0; l < c.L; l++) {
+            memmove(S.acts[l].k + (long)i * c.C, S.acts[l].k + (long)from * c.C, sizeof(float) * c.C);
+            memmove(S.acts[l].v + (long)i * c.C, S.acts[l].v + (long)from * c.C, sizeof(float) * c.C);
+        }
+        S.tokens[i] = S.tokens[from]; S.pos[i] = S.pos[from]; D.score[i] = D.score[from];
+    }
+    for (int i = n; i < S.n_tok; i++) D.score[i] = 0.0f;
+    S.n_tok = n;
 }
 
 static void print_trace(const Decoder& D, int s, int e);
@@ -1130,15 +1232,21 @@ static void decoder_feed(Decoder& D, const int* toks, int n) {
     for (int i = 0; i < n; i++) {
         int t = S.n_tok;
         if (D.use_proc && is_boundary(c, t, toks[i]) && t > D.seg_start) {
-            if (t > chunk) backbone_forward(*D.M, S, chunk, t);
+            if (t > chunk) decoder_forward(D, chunk, t);
             bottleneck_step(*D.M, S, D.seg_start, t);
             if (D.trace) print_trace(D, D.seg_start, t);
             D.seg_start = chunk = t;
         }
+        if (D.evict && toks[i] == NEWLINE && t > D.seg_start) {
+            if (t > chunk) decoder_forward(D, chunk, t);
+            evict_step(D);
+            D.seg_start = chunk = t = S.n_tok;
+        }
         S.tokens[t] = toks[i];
+        S.pos[t] = D.next_pos++;
         S.n_tok++;
     }
-    if (S.n_tok > chunk) backbone_forward(*D.M, S, chunk, S.n_tok);
+    if (S.n_tok > chunk) decoder_forward(D, chunk, S.n_tok);
 }
 
 // greedy choice at the last position; PAD, BOS and PAUSE are never emitted
@@ -1150,10 +1258,13 @@ static int decoder_argmax(const Decoder& D) {
     return best;
 }
 
-// Greedy continuation of prompt (text, no BOS) until '$' or the context is full.
+// Greedy continuation of prompt (text, no BOS) until '$' or the context is full. A pause model
+// is fed its PAUSE tokens after every newline (prompt and output); they are never emitted.
 static std::string generate(Decoder& D, const std::string& prompt) {
+    static const std::vector<int> pauses(64, PAUSE);   // P <= 64 (validate_config)
+    int P = D.M->cfg.pause;
     decoder_reset(D);
-    std::vector<int> toks = tokenize(prompt, "prompt");
+    std::vector<int> toks = tokenize(insert_pauses(prompt, P), "prompt");
     decoder_feed(D, toks.data(), (int)toks.size());
     std::string out;
     while (D.S.n_tok < D.S.T) {
@@ -1161,6 +1272,7 @@ static std::string generate(Decoder& D, const std::string& prompt) {
         out += token_to_char(t);
         if (out.back() == '$') break;
         decoder_feed(D, &t, 1);
+        if (t == NEWLINE && P > 0 && D.S.n_tok + P <= D.S.T) decoder_feed(D, pauses.data(), P);
     }
     return out;
 }
@@ -1237,7 +1349,7 @@ static void eval_one(EvalResult& R, const std::string& want, const std::string& 
 
 // Evaluate on examples (text with the full reference); runs examples in parallel, one decoder
 // per thread.
-static EvalResult evaluate(const Model& M, const std::vector<std::string>& texts) {
+static EvalResult evaluate(const Model& M, const std::vector<std::string>& texts, int evict = 0) {
     int n = (int)texts.size();
     std::vector<std::string> outs(n);
     std::string error;   // an exception may not leave an OpenMP region: keep the first, rethrow after
@@ -1246,7 +1358,7 @@ static EvalResult evaluate(const Model& M, const std::vector<std::string>& texts
     {
         try {
             Decoder D;
-            decoder_init(D, M);
+            decoder_init(D, M, evict);
             #pragma omp for schedule(dynamic)
             for (int i = 0; i < n; i++) {
                 if (error_code) continue;
@@ -1505,6 +1617,7 @@ static std::map<std::string, std::string> config_meta(const Config& c) {
     for (auto& k : CONFIG_KEYS)
         if (!k.proc || c.dp > 0) m[k.key] = std::to_string(c.*k.field);
     if (c.dp > 0) m["schedule"] = c.periodic ? strf("periodic:%d", c.periodic) : "newline";
+    if (c.pause > 0) m["pause"] = std::to_string(c.pause);
     return m;
 }
 
@@ -1540,6 +1653,7 @@ static Config config_from_meta(const std::map<std::string, std::string>& m, cons
     c.eps = (float)num("norm_eps", 0, 1);
     if (!proc) c.dp = 0;
     else c.periodic = m.count("schedule") ? parse_schedule(m.at("schedule")) : 0;
+    c.pause = m.count("pause") ? (int)num("pause", 0, 64) : 0;
     try { validate_config(c); } catch (BtError& e) { BAD_INPUT("%s: %s", path.c_str(), e.what()); }
     return c;
 }
@@ -1588,12 +1702,13 @@ static void load_model(Model& M, const std::string& path) {
 // =============================================================================================
 struct FlagSpec { const char* name; const char* def; const char* help; };
 static const FlagSpec FLAGS[] = {
-    {"task", "chain", "chain | add | var: the synthetic task"},
+    {"task", "chain", "chain | add | var | mul: the synthetic task"},
     {"data", "", "train or evaluate on a text file of examples separated by blank lines"},
     {"ckpt", "", "checkpoint to read (.safetensors)"},
     {"out", "bt.safetensors", "checkpoint to write"},
     {"init", "", "start from this backbone checkpoint"},
-    {"model", "vanilla", "vanilla | bt (backbone + Cache Processor)"},
+    {"model", "vanilla", "vanilla | bt (backbone + Cache Processor) | pause | pause-frozen (PAUSE tokens after newlines)"},
+    {"pause", "4", "PAUSE tokens after every newline (--model pause, pause-frozen)"},
     {"steps", "1000", "training steps"},
     {"batch", "32", "sequences per batch"},
     {"lr", "0.003", "peak learning rate (AdamW)"},
@@ -1622,6 +1737,7 @@ static const FlagSpec FLAGS[] = {
     {"prompt", "", "question to continue (a newline is added if missing)"},
     {"trace", "", "print what every bottleneck step selects and changes"},
     {"text-file", "", "examples to score"},
+    {"evict", "0", "H2O-style eviction: at each newline keep this many older cache entries (0: off)"},
     {"quick", "", "a short run (a smoke test, not for the figures)"},
     {"torch", "", "PyTorch's rows, JSON lines from tests/bench_torch.py (FILE[,FILE...]; make bench writes them)"},
 };
@@ -1630,9 +1746,9 @@ static const char* BOOL_FLAGS[] = {"joint", "trace", "quick"};
 struct Command { const char* name; const char* flags; const char* help; };
 static const Command COMMANDS[] = {
     {"train", "task data out init model steps batch lr warmup wd clip seed d-model layers heads ffn max-seq-len "
-              "proc-width proc-layers proc-heads proc-ffn k schedule bptt joint log-every save-every resume",
+              "proc-width proc-layers proc-heads proc-ffn k schedule bptt joint pause log-every save-every resume",
      "train a model (vanilla backbone, or a Cache Processor on top with --model bt)"},
-    {"eval", "ckpt task data sizes n seed", "greedy decoding accuracy per problem size"},
+    {"eval", "ckpt task data sizes n seed evict", "greedy decoding accuracy per problem size"},
     {"generate", "ckpt prompt trace", "greedy continuation of a prompt"},
     {"score", "ckpt text-file", "log-probability of every target token of the examples in a file"},
     {"bench", "quick torch", "tokens/s for training and decoding, matmul GFLOP/s, memory (beside PyTorch: make bench)"},
@@ -1728,7 +1844,7 @@ static std::string fmt_time(double s) {
 // ---- bt train
 // the model's config for bt train: from --init (its backbone, and its processor if it has one)
 // or from the size flags; processor flags override, and need --model bt
-static Config train_config(const Args& a, bool is_bt, SafeFile* init) {
+static Config train_config(const Args& a, bool is_bt, bool is_pause, SafeFile* init) {
     Config c;
     if (a.has("init")) {
         for (const char* f : {"d-model", "layers", "heads", "ffn", "max-seq-len"})
@@ -1740,6 +1856,8 @@ static Config train_config(const Args& a, bool is_bt, SafeFile* init) {
         c.F = a.integer("ffn", 0, 1 << 16); if (c.F == 0) c.F = 3 * c.C;
         c.T = a.integer("max-seq-len", 2, 1 << 15);
     }
+    if (is_pause) c.pause = a.integer("pause", 1, 64);
+    else if (a.has("pause")) BAD_INPUT("--pause needs --model pause or pause-frozen");
     if (!is_bt) {
         for (const char* f : {"proc-width", "proc-layers", "proc-heads", "proc-ffn", "k", "schedule", "bptt", "joint"})
             if (a.has(f)) BAD_INPUT("--%s is a processor flag: it needs --model bt", f);
@@ -1775,10 +1893,14 @@ static void print_train_header(const Args& a, const Model& M, const TrainMode& m
                                const DataStream& D, int B, int T, uint64_t seed) {
     const Config& c = M.cfg;
     long n_trainable = 0;
-    for (auto& p : M.table) n_trainable += trainable(p, mode) ? p.numel : 0;
+    long off, n;
+    for (auto& p : M.table) n_trainable += trainable_span(M, p, mode, &off, &n) ? n : 0;
     printf("bt train | %s | %s\n", a.has("data") ? a.str("data").c_str() : a.str("task").c_str(), build_flags().c_str());
     printf("  model    %s: d_model %d, layers %d, heads %d, ffn %d, vocab %d, max_seq_len %d\n",
-           mode.use_proc ? "bt" : "vanilla", c.C, c.L, c.NH, c.F, c.V, c.T);
+           a.str("model").c_str(), c.C, c.L, c.NH, c.F, c.V, c.T);
+    if (c.pause)
+        printf("  pause    %d PAUSE tokens after every newline; %s learns\n", c.pause,
+               mode.pause_row_only ? "only the PAUSE embedding" : "the whole backbone");
     if (mode.use_proc)
         printf("  processor width %d, blocks %d, heads %d, ffn %d, k %d, schedule %s, bptt %s, backbone %s\n", c.dp,
                c.np, c.nhp, c.fp, c.k, c.periodic ? strf("periodic:%d", c.periodic).c_str() : "newline",
@@ -1901,11 +2023,15 @@ static void restore_run(TrainRun& R, const SafeFile& state, const std::string& c
 static void train_setup(TrainRun& R, const Args& given) {
     SafeFile state;
     Args a = given.has("resume") ? resume_args(given, &state) : given;
-    bool is_bt = a.str("model") == "bt";
-    if (!is_bt && a.str("model") != "vanilla") BAD_INPUT("--model must be vanilla or bt, got '%s'", a.str("model").c_str());
+    std::string model = a.str("model");
+    bool is_bt = model == "bt", is_pause = model == "pause" || model == "pause-frozen";
+    if (!is_bt && !is_pause && model != "vanilla")
+        BAD_INPUT("--model must be vanilla, bt, pause or pause-frozen, got '%s'", model.c_str());
     if (is_bt && !a.has("joint") && !a.has("init"))
         BAD_INPUT("--model bt trains a processor on a frozen backbone: give --init BACKBONE.safetensors, or --joint to "
                   "train both from scratch");
+    if (model == "pause-frozen" && !a.has("init"))
+        BAD_INPUT("--model pause-frozen trains only the PAUSE embedding of a backbone: give --init BACKBONE.safetensors");
     std::string bptt = a.str("bptt");
     if (bptt != "full" && bptt != "step") BAD_INPUT("--bptt must be full or step, got '%s'", bptt.c_str());
     uint64_t seed = (uint64_t)a.integer("seed", 0, 2000000000);
@@ -1927,14 +2053,16 @@ static void train_setup(TrainRun& R, const Args& given) {
         SafeFile ck = read_safetensors(a.str("out"));
         model_build(R.M, config_from_meta(ck.meta, a.str("out")));
     } else {
-        model_build(R.M, train_config(a, is_bt, &init));
+        model_build(R.M, train_config(a, is_bt, is_pause, &init));
         model_init_random(R.M, seed);
         if (a.has("init")) copy_tensors(R.M, init, a.str("init"), true);   // a processor new to it keeps its init
     }
     R.mode.use_proc = is_bt;
     R.mode.train_backbone = !is_bt || a.has("joint");
     R.mode.bptt_step = bptt == "step";
+    R.mode.pause_row_only = model == "pause-frozen";
     R.D = train_data(a, seed);
+    R.D.pause = R.M.cfg.pause;
     int T = max_tokens(R.D);
     run_state_build(R.S, R.M.cfg, T, R.B, true);
     if (given.has("resume")) restore_run(R, state, a.str("out"));
@@ -2018,9 +2146,13 @@ static void cmd_eval(const Args& a) {
         lo = TASKS[task].train_lo; hi = TASKS[task].ood_hi;
         if (a.has("sizes")) parse_sizes(a.str("sizes"), &lo, &hi, task == TASK_VAR ? 18 : 64);
     }
+    int evict = a.integer("evict", 0, 1 << 15);
     Model M;
     load_model(M, a.str("ckpt"));
-    printf("bt eval | %s | %s | processor %s\n", a.str("ckpt").c_str(), build_flags().c_str(), M.cfg.dp ? "on" : "none");
+    if (evict && M.cfg.dp) BAD_INPUT("--evict is a baseline for a vanilla model; %s has a processor", a.str("ckpt").c_str());
+    printf("bt eval | %s | %s | processor %s%s%s\n", a.str("ckpt").c_str(), build_flags().c_str(), M.cfg.dp ? "on" : "none",
+           M.cfg.pause ? strf(" | %d PAUSE after newlines", M.cfg.pause).c_str() : "",
+           evict ? strf(" | evict: %d older entries kept at each newline", evict).c_str() : "");
     printf("%-10s %5s   %6s   %9s   %s\n", "size", "n", "answer", "all-lines", "first wrong line (mean, of wrong)");
     double t0 = now_seconds();
     if (a.has("data")) {
@@ -2029,7 +2161,7 @@ static void cmd_eval(const Args& a) {
         for (auto& e : ex) by_size[e.size].push_back(e.text);
         EvalResult all;
         for (auto& kv : by_size) {
-            EvalResult r = evaluate(M, kv.second);
+            EvalResult r = evaluate(M, kv.second, evict);
             print_eval_row(std::to_string(kv.first) + " lines", r);
             add_result(all, r);
         }
@@ -2040,7 +2172,7 @@ static void cmd_eval(const Args& a) {
     const TaskInfo& ti = TASKS[task];
     EvalResult id, ood;
     for (int s = lo; s <= hi; s++) {
-        EvalResult r = evaluate(M, eval_set(task, s, n, seed));
+        EvalResult r = evaluate(M, eval_set(task, s, n, seed), evict);
         print_eval_row(std::to_string(s), r);
         if (s >= ti.train_lo && s <= ti.train_hi) add_result(id, r);
         if (s >= ti.ood_lo && s <= ti.ood_hi) add_result(ood, r);
@@ -2082,9 +2214,10 @@ static void cmd_score(const Args& a) {
     double total = 0.0;
     for (auto& e : ex) {
         RunState S;
-        int T = (int)e.text.size() + 1;
+        std::string text = insert_pauses(e.text, M.cfg.pause);
+        int T = (int)text.size() + 1;
         run_state_build(S, M.cfg, T, 1, false);
-        load_batch(S, {e.text});
+        load_batch(S, {text});
         forward_sequence(M, S, T, mode);
         for (int t = 0; t + 1 < T; t++) {
             if (S.weight[t] == 0.0f) continue;

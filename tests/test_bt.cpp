@@ -463,6 +463,108 @@ TEST_CASE("incremental decoding with the KV cache gives the full pass's logits (
     }
 }
 
+// =============================================================================================
+// Baselines: pause tokens and H2O-style eviction
+// =============================================================================================
+TEST_CASE("pause models: PAUSE after every newline when training, decoding and scoring; pause-frozen moves one row") {
+    CHECK(insert_pauses("1+2\n3=3\n#3$", 2) == "1+2\n__3=3\n__#3$");
+    CHECK(insert_pauses("1+2\n#3$", 0) == "1+2\n#3$");
+    // greedy decoding feeds the pauses it never emits: the generated text has none, and the
+    // decoder's positions hold exactly the pause-inserted sequence
+    Model M;
+    Config c = tiny_config(false);
+    c.pause = 3;
+    model_build(M, c);
+    randomize(M, 71, 0.3f);
+    Decoder D;
+    decoder_init(D, M);
+    std::string out = generate(D, "1+2\n");
+    CHECK(out.find('_') == std::string::npos);
+    std::string fed;
+    for (int t = 0; t < D.S.n_tok; t++)
+        if (D.S.tokens[t] != BOS) fed += token_to_char(D.S.tokens[t]);
+    std::string body = out.back() == '$' ? out.substr(0, out.size() - 1) : out;   // '$' is never fed
+    std::string want = insert_pauses("1+2\n" + body, 3);
+    CHECK(want.compare(0, fed.size(), fed) == 0);   // when the context fills, the last pauses may not fit
+    CHECK(fed.size() + 3 >= want.size());
+    CHECK(std::count(fed.begin(), fed.end(), '_') == 3 * std::count(fed.begin(), fed.end(), '\n'));
+    printf("  pause 3, generated %zu chars without a PAUSE; fed %d tokens\n", out.size(), D.S.n_tok);
+    // pause-frozen: one AdamW step changes the PAUSE row of tok_emb and nothing else
+    RunState S;
+    Rng r(72);
+    std::vector<std::string> texts = {insert_pauses(gen_chain(r, 3), 3), insert_pauses(gen_chain(r, 3), 3)};
+    run_state_build(S, M.cfg, (int)texts[0].size() + 1, 2, true);
+    int T = load_batch(S, texts);
+    TrainMode mode;
+    mode.pause_row_only = true;
+    std::vector<float> before = M.params;
+    std::fill(M.grads.begin(), M.grads.end(), 0.0f);
+    forward_sequence(M, S, T, mode);
+    backward_sequence(M, S, T, mode);
+    optimizer_step(M, OptConfig(), 0, mode);
+    long row0 = (long)PAUSE * M.cfg.C, changed_in_row = 0, changed_elsewhere = 0;
+    for (long i = 0; i < M.n_params; i++) {
+        bool in_row = i >= row0 && i < row0 + M.cfg.C;
+        if (M.params[i] != before[i]) (in_row ? changed_in_row : changed_elsewhere)++;
+    }
+    printf("  pause-frozen step: %ld of %d PAUSE-row weights changed, %ld others\n", changed_in_row, M.cfg.C, changed_elsewhere);
+    CHECK(changed_in_row == M.cfg.C);
+    CHECK(changed_elsewhere == 0);
+}
+
+TEST_CASE("evict: a budget above the length changes nothing; a small one keeps the top-B slots' K, V and positions") {
+    Model M;
+    tiny_model(M, false, 73);
+    Rng r(74);
+    std::string ex = gen_chain(r, 6);
+    std::vector<int> toks = tokenize(ex, "test");
+    Decoder A, E;
+    decoder_init(A, M);
+    decoder_init(E, M, 1000);
+    decoder_feed(A, toks.data(), (int)toks.size());
+    decoder_feed(E, toks.data(), (int)toks.size());
+    const float* za = A.S.logits + (long)(A.S.n_tok - 1) * M.cfg.V;
+    const float* ze = E.S.logits + (long)(E.S.n_tok - 1) * M.cfg.V;
+    CHECK(memcmp(za, ze, sizeof(float) * M.cfg.V) == 0);
+    // budget 3: feed up to the second newline, then the newline itself, and look at the cache
+    Decoder K;
+    decoder_init(K, M, 3);
+    int nl2 = -1, seen = 0;
+    for (int t = 1; t < (int)toks.size(); t++)
+        if (toks[t] == NEWLINE && ++seen == 2) { nl2 = t; break; }
+    REQUIRE(nl2 > 0);
+    decoder_feed(K, toks.data(), nl2);   // one eviction happened at the first newline (nothing older)
+    const int L = M.cfg.L, C = M.cfg.C;
+    std::vector<float> score = K.score, kcopy, vcopy;
+    for (int l = 0; l < L; l++) {
+        kcopy.insert(kcopy.end(), K.S.acts[l].k, K.S.acts[l].k + (long)nl2 * C);
+        vcopy.insert(vcopy.end(), K.S.acts[l].v, K.S.acts[l].v + (long)nl2 * C);
+    }
+    std::vector<int> pos(K.S.pos, K.S.pos + nl2);
+    int old = K.seg_start;   // the line now ending starts here; slots before it compete
+    decoder_feed(K, &toks[nl2], 1);
+    // the expected survivors: the 3 best scores among [0, old) by a sort (ties to the earlier), then the line
+    std::vector<int> order(old);
+    for (int i = 0; i < old; i++) order[i] = i;
+    std::stable_sort(order.begin(), order.end(), [&](int x, int y) { return score[x] > score[y]; });
+    std::vector<int> kept(order.begin(), order.begin() + 3);
+    std::sort(kept.begin(), kept.end());
+    for (int p = old; p < nl2; p++) kept.push_back(p);
+    REQUIRE(K.S.n_tok == (int)kept.size() + 1);
+    bool same = true;
+    for (size_t i = 0; i < kept.size(); i++) {
+        same &= K.S.pos[i] == pos[kept[i]] && K.S.tokens[i] == toks[kept[i]];
+        for (int l = 0; l < L; l++)
+            same &= memcmp(K.S.acts[l].k + i * C, &kcopy[((long)l * nl2 + kept[i]) * C], sizeof(float) * C) == 0 &&
+                    memcmp(K.S.acts[l].v + i * C, &vcopy[((long)l * nl2 + kept[i]) * C], sizeof(float) * C) == 0;
+    }
+    CHECK(same);
+    CHECK(K.S.pos[kept.size()] == nl2);   // the newline keeps its true position
+    printf("  evict 3 at position %d: kept slots", nl2);
+    for (int p : kept) printf(" %d", p);
+    printf(" (of %d), the newline goes to slot %zu at position %d\n", nl2, kept.size(), K.S.pos[kept.size()]);
+}
+
 TEST_CASE("a freshly initialised processor (W_out = 0) leaves the logits bit-identical to the backbone alone") {
     Model M;
     model_build(M, tiny_config(true));
@@ -626,14 +728,41 @@ static bool check_var(const std::string& text, int depth) {
     return L.back() == "#" + std::to_string(value(prev, 0)) + "$";
 }
 
+// mul: read both numbers (least-significant digit first), multiply with plain long multiplication
+// digit by digit, and compare every partial product, running sum and the answer
+static bool check_mul(const std::string& text, int n) {
+    auto L = split_lines(text);
+    if ((int)L.size() != n + 2) return false;
+    size_t star = L[0].find('*');
+    std::string a = L[0].substr(0, star), b = L[0].substr(star + 1);
+    if ((int)a.size() != n || (int)b.size() != n) return false;
+    std::vector<int> sum(2 * n + 1, 0);   // digits, least significant first
+    for (int i = 0; i < n; i++) {
+        std::vector<int> part(2 * n + 1, 0);
+        for (int j = 0; j < n; j++) part[i + j] += (a[j] - '0') * (b[i] - '0');
+        for (int k = 0; k < 2 * n; k++) { part[k + 1] += part[k] / 10; part[k] %= 10; }
+        for (int k = 0; k <= 2 * n; k++) sum[k] += part[k];
+        for (int k = 0; k < 2 * n; k++) { sum[k + 1] += sum[k] / 10; sum[k] %= 10; }
+        std::string ps, ss;
+        for (int k = 0; k < n + 1 + i; k++) { ps += (char)('0' + part[k]); ss += (char)('0' + sum[k]); }
+        for (int k = n + 1 + i; k <= 2 * n; k++)   // nothing may be cut off by the width
+            if (part[k] || sum[k]) return false;
+        if (L[1 + i] != ps + "," + ss) return false;
+    }
+    std::string ans;
+    for (int k = 0; k < 2 * n; k++) ans += (char)('0' + sum[k]);
+    return L.back() == "#" + ans + "$";
+}
+
 TEST_CASE("generators write correct arithmetic (independent evaluator), at every size, both splits") {
     Rng r(31);
     int bad = 0, total = 0;
-    for (int task = 0; task < 3; task++)
+    for (int task = 0; task < N_TASKS; task++)
         for (int size = TASKS[task].train_lo; size <= TASKS[task].ood_hi; size++)
             for (int i = 0; i < 40; i++) {
                 std::string t = gen_example((Task)task, r, size, i % 2);
-                bool ok = task == TASK_CHAIN ? check_chain(t, size) : task == TASK_ADD ? check_add(t, size) : check_var(t, size);
+                bool ok = task == TASK_CHAIN ? check_chain(t, size) : task == TASK_ADD ? check_add(t, size)
+                        : task == TASK_VAR   ? check_var(t, size) : check_mul(t, size);
                 if (!ok && bad++ < 3) printf("  wrong %s example:\n%s\n", TASKS[task].name, t.c_str());
                 total++;
             }
@@ -643,10 +772,12 @@ TEST_CASE("generators write correct arithmetic (independent evaluator), at every
     CHECK(check_chain("1*4-0+3\n1*4=4\n4-0=4\n4+3=7\n#7$", 3));
     CHECK(check_add("891+721\n8+7+0=5,1\n9+2+1=2,1\n1+1+1=3,0\n#523$", 3));
     CHECK(check_var("t=b+0;a=o-2;q=x+7;o=q*4;x=0\nx=0\nq=x+7=7\no=q*4=8\na=o-2=6\n#6$", 4));
+    CHECK(check_mul("21*43\n840,840\n0630,8040\n#8040$", 2));   // 12 x 34 = 408
+    CHECK(!check_mul("21*43\n840,840\n0630,8041\n#8040$", 2));  // and the evaluator can say no
 }
 
 TEST_CASE("training and evaluation questions never overlap") {
-    for (int task = 0; task < 3; task++) {
+    for (int task = 0; task < N_TASKS; task++) {
         int size = TASKS[task].train_lo;   // the smallest size is where collisions would show
         std::set<std::string> train, eval;
         Rng r(32);
