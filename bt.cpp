@@ -2731,32 +2731,44 @@ static void cmd_experiment(const Args& a) {
     printf("  model d_model %d, layers %d, heads %d, batch %s (vanilla-large: d_model %d); v4: stage 1 %d steps, "
            "stage 2 %d; v1: %d steps; eval %d per size\n", base.C, base.L, base.NH, a.str("batch").c_str(),
            X.large_width, X.stage1, X.stage2, X.steps, X.n_eval);
+    // the plan: every run in order, with a rough cost (vanilla steps) for the ETA
+    struct Job { std::string regime, arm, init, evict_ckpt; std::vector<std::string> flags; int steps, seed, evict; double cost; };
+    std::vector<Job> jobs;
+    auto cost_of = [](const std::string& flags, int steps) {
+        double f = flags.find("--model bt") != std::string::npos ? 2.5 : 1.0;
+        size_t p = flags.find("--pause ");
+        if (p != std::string::npos) f += atoi(flags.c_str() + p + 8) / 8.0;   // P tokens after every ~8-token line
+        if (flags.find("--d-model") != std::string::npos) f = 1.5;
+        return f * steps + 30;                                                // + evaluation
+    };
+    for (int seed = 1; seed <= seeds; seed++) {
+        std::string init = X.dir + "/runs/" + run_name("v4", "backbone", seed) + ".safetensors";
+        std::string vanilla = X.dir + "/runs/" + run_name("v1", "vanilla", seed) + ".safetensors";
+        if (v4) jobs.push_back({"v4", "backbone", "", "", {"--model", "vanilla"}, X.stage1, seed, 0, cost_of("", X.stage1)});
+        for (auto& arm : ARMS) {
+            std::string r = arm.regime, name = arm.name, flags = arm.flags;
+            bool control = name == "vanilla+extra" || name == "vanilla";   // the controls always run
+            if ((r == "v4" && !v4) || (r == "v1" && !v1) || !(only.empty() || only.count(name) || control)) continue;
+            size_t at = flags.find("LARGE");
+            if (at != std::string::npos) flags.replace(at, 5, std::to_string(X.large_width));
+            int steps = r == "v4" ? X.stage2 : X.steps;
+            jobs.push_back({r, name, r == "v4" ? init : "", vanilla, split_words(flags), steps, seed, arm.evict,
+                            arm.evict ? 30.0 : cost_of(flags, steps)});
+        }
+    }
+    double total = 0, done = 0;
+    for (auto& j : jobs) total += j.cost;
     double t0 = now_seconds();
     std::vector<RunResult> all;
-    for (int seed = 1; seed <= seeds; seed++) {
-        if (v4) {
-            printf("[seed %d, v4] elapsed %s\n", seed, fmt_time(now_seconds() - t0).c_str());
-            RunResult b = experiment_run(X, "v4", "backbone", {"--model", "vanilla"}, X.stage1, seed, "", 0, "");
-            all.push_back(b);
-            std::string init = X.dir + "/runs/" + run_name("v4", "backbone", seed) + ".safetensors";
-            for (auto& arm : ARMS)
-                if (std::string(arm.regime) == "v4" &&
-                    (only.empty() || only.count(arm.name) || !strcmp(arm.name, "vanilla+extra")))   // the control always runs
-                    all.push_back(experiment_run(X, "v4", arm.name, split_words(arm.flags), X.stage2, seed, init, 0, ""));
-        }
-        if (v1) {
-            printf("[seed %d, v1] elapsed %s\n", seed, fmt_time(now_seconds() - t0).c_str());
-            std::string vanilla = X.dir + "/runs/" + run_name("v1", "vanilla", seed) + ".safetensors";
-            for (auto& arm : ARMS) {
-                if (std::string(arm.regime) != "v1" ||
-                    !(only.empty() || only.count(arm.name) || !strcmp(arm.name, "vanilla")))   // the control always runs
-                    continue;
-                std::string flags = arm.flags;
-                size_t at = flags.find("LARGE");
-                if (at != std::string::npos) flags.replace(at, 5, std::to_string(X.large_width));
-                all.push_back(experiment_run(X, "v1", arm.name, split_words(flags), X.steps, seed, "", arm.evict, vanilla));
-            }
-        }
+    for (size_t i = 0; i < jobs.size(); i++) {
+        const Job& j = jobs[i];
+        double el = now_seconds() - t0;
+        printf("[%zu/%zu] %s %s seed %d | elapsed %s | ETA %s\n", i + 1, jobs.size(), j.regime.c_str(), j.arm.c_str(),
+               j.seed, fmt_time(el).c_str(), done > 0 && el > 5 ? fmt_time(el / done * (total - done)).c_str() : "-");
+        double before = now_seconds();
+        all.push_back(experiment_run(X, j.regime, j.arm, j.flags, j.steps, j.seed, j.init, j.evict, j.evict_ckpt));
+        if (now_seconds() - before > 1) done += j.cost;   // runs found done before do not teach the ETA
+        else total -= j.cost;
     }
     // the report
     std::string md = strf("# %s: does the bottleneck help?\n\nWritten by `bt experiment --task %s --regime %s --seeds %d "
@@ -2789,7 +2801,7 @@ static void cmd_experiment(const Args& a) {
         md += "\n## Which entries get reconsolidated\n\n![reconsolidation](reconsolidation.svg)\n";
     }
     write_text(X.dir + "/results.md", md);
-    printf("wrote %s/results.md and its plots in %s\n", X.dir.c_str(), fmt_time(now_seconds() - t0).c_str());
+    printf("\n%s\nwrote %s/results.md and its plots in %s\n", md.c_str(), X.dir.c_str(), fmt_time(now_seconds() - t0).c_str());
 }
 
 // =============================================================================================
