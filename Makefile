@@ -70,10 +70,13 @@ check-cuda:
 	$(NVCC) $(NVCCFLAGS) -c kernels.cu -o /dev/null
 	@echo "✓ kernels.cu compiles with $(NVCC)"
 
-# the main job: train the default model on chain, then evaluate in distribution and OOD
+# the main job: a small but real experiment on mul, the task where the vanilla model is not already
+# perfect in distribution. One seed; v4 (stage 1 backbone, then vanilla+extra, bt frozen, pause 4)
+# and v1 (vanilla, bt joint from scratch). About 13 minutes on 2 cores; results/mul/results.md and
+# its plots. Finished runs are kept, so an interrupted make train goes on where it stopped.
+TRAIN_FLAGS ?= --task mul --regime both --seeds 1 --arms bt,pause4,bt-joint --stage1 300 --stage2 200 --steps 400 --n 50
 train: bt
-	./bt train --task chain --out chain.safetensors
-	./bt eval --ckpt chain.safetensors --task chain
+	./bt experiment $(TRAIN_FLAGS)
 
 # regenerate the PyTorch reference tensors (needs python3-torch: apt-get install python3-torch)
 reference:
