@@ -1,4 +1,4 @@
-# bt -- make | make test | make train | make reference | make debug | make sanitize | make fuzz | make resume-test
+# bt -- make | make test | make train | make bench | make reference | make debug | make sanitize | make fuzz | make resume-test
 # Options: NO_OMP=1 (no OpenMP), USE_CUDA=1 (also test kernels.cu on the GPU through nvcc)
 SHELL    := /bin/bash
 CXX      ?= g++
@@ -81,6 +81,25 @@ train: bt
 # regenerate the PyTorch reference tensors (needs python3-torch: apt-get install python3-torch)
 reference:
 	$(PYTHON) tests/reference.py --out weights
+
+# bt against PyTorch on this machine: Debian's python3-torch, and the current PyPI torch in a venv
+# (.venv, made on first use: about 5 GB) eager and with torch.compile; then bt bench prints the table
+BENCH_DIR ?= /tmp/bt-bench
+VENV      ?= .venv
+bench: bt
+	@mkdir -p $(BENCH_DIR)
+	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
+	  echo "== PyTorch (Debian)"; $(PYTHON) tests/bench_torch.py > $(BENCH_DIR)/torch-debian.jsonl; \
+	else echo "Debian's python3-torch is missing (apt-get install python3-torch libopenblas0-pthread): not measured"; \
+	  rm -f $(BENCH_DIR)/torch-debian.jsonl; fi
+	@if [ ! -x $(VENV)/bin/python ] || ! $(VENV)/bin/python -c "import torch" 2>/dev/null; then \
+	  echo "== making $(VENV) with the PyPI torch"; \
+	  $(PYTHON) -m venv $(VENV) && $(VENV)/bin/pip install -q torch numpy || echo "PyPI torch could not be installed: not measured"; fi
+	@if $(VENV)/bin/python -c "import torch" 2>/dev/null; then \
+	  echo "== PyTorch (PyPI, eager and torch.compile)"; $(VENV)/bin/python tests/bench_torch.py --compile > $(BENCH_DIR)/torch-pypi.jsonl; \
+	else rm -f $(BENCH_DIR)/torch-pypi.jsonl; fi
+	@echo "== bt"
+	./bt bench --torch $(BENCH_DIR)/torch-debian.jsonl,$(BENCH_DIR)/torch-pypi.jsonl | tee $(BENCH_DIR)/bench.txt
 
 # single-threaded (no OpenMP), so gdb steps through one loop at a time
 debug: CXXFLAGS := -std=c++17 -Wall -Wextra -Wno-unknown-pragmas -O0 -g -fsanitize=address,undefined -fno-omit-frame-pointer

@@ -2841,10 +2841,11 @@ static double bench_train(const std::vector<std::string>& flags, bool frozen, in
     return R.tokens / dt;
 }
 
-// Decoding with the KV cache, one token at a time after the question: the reference continuation
-// is fed (so every run decodes the same tokens and the processor fires at the same newlines) and
-// the greedy choice is computed at every step, as generate() does. B sequences run side by side,
-// one decoder per thread (as bt eval runs). Returns continuation tokens per second.
+// Decoding with the KV cache, one token at a time after the prompt (BOS, question, newline): the
+// greedy choice is computed at every step as generate() does, but the example's own next token
+// is fed back, so every run decodes the same tokens and the processor fires at the same newlines
+// (tests/bench_torch.py does the same). B sequences run side by side, one decoder per thread (as
+// bt eval runs). Returns generated tokens (one per greedy choice) per second, prefill included.
 static double bench_decode(const Model& M, int B, int rounds) {
     Rng r(99);
     std::vector<std::vector<int>> seqs;
@@ -2852,7 +2853,7 @@ static double bench_decode(const Model& M, int B, int rounds) {
     for (int i = 0; i < B; i++) {
         std::string ex = gen_example(TASK_CHAIN, r, 8, true);
         seqs.push_back(tokenize(ex, "bench"));
-        qlen.push_back((int)question_of(ex).size() + 1);
+        qlen.push_back((int)question_of(ex).size() + 2);   // BOS, the question, its newline
     }
     long tokens = 0;
     for (int i = 0; i < B; i++) tokens += (long)(seqs[i].size() - qlen[i]) * rounds;
@@ -2867,7 +2868,7 @@ static double bench_decode(const Model& M, int B, int rounds) {
             decoder_reset(D);
             decoder_feed(D, tk.data(), qlen[j % B]);
             volatile int sink = decoder_argmax(D);
-            for (size_t t = qlen[j % B]; t < tk.size(); t++) {
+            for (size_t t = qlen[j % B]; t + 1 < tk.size(); t++) {   // '$', the last, is chosen, never fed
                 decoder_feed(D, &tk[t], 1);
                 sink = decoder_argmax(D);
             }
@@ -2916,7 +2917,7 @@ static std::map<std::string, TorchBest> read_torch_rows(const std::string& files
             Json j = jp.value(0);
             const Json *row = j.get("row"), *val = j.get("value"), *impl = j.get("impl");
             if (!row || row->kind != Json::STR) continue;
-            if (row->str == "info") {
+            if (row->str == "info" || row->str == "check") {
                 std::string s;
                 for (auto& kv : j.obj)
                     if (kv.second.kind == Json::STR) s += kv.first + " " + kv.second.str + ", ";
@@ -2931,9 +2932,9 @@ static std::map<std::string, TorchBest> read_torch_rows(const std::string& files
                 continue;
             }
             std::string key = row->str;
-            if (const Json* sh = j.get("shape"))
+            if (const Json* sh = j.get("shape"); sh && key == "sgemm")
                 for (auto& d : sh->arr) key += strf("_%d", (int)d.num);
-            bool lower_better = key == "peak_rss_mib";
+            bool lower_better = key == "peak_rss";
             TorchBest& b = best[key];
             if (b.impl.empty() || (lower_better ? val->num < b.value : val->num > b.value))
                 b = {val->num, impl && impl->kind == Json::STR ? impl->str : "?"};
@@ -3008,7 +3009,7 @@ static void cmd_bench(const Args& a) {
         double v = bench_train(bt, true, steps, n, n, &T);
         add(strf("train_bt_frozen_full_n%d", n), strf("train bt frozen full, %d boundaries (T %.0f)", n, T), "tok/s", v);
     }
-    add("peak_rss_mib", "peak resident memory", "MiB", peak_rss_mib());
+    add("peak_rss", "peak resident memory", "MiB", peak_rss_mib());
 
     // the table
     double peak = torch.count("sgemm_peak") ? torch["sgemm_peak"].value : 0;
@@ -3025,9 +3026,9 @@ static void cmd_bench(const Args& a) {
             printf("%-46s %12.1f %12s  %-28s %8s\n", (r.label + " " + r.unit).c_str(), r.bt, "-", "", "");
             continue;
         }
-        double ratio = r.key == "peak_rss_mib" ? it->second.value / r.bt : r.bt / it->second.value;
+        double ratio = r.key == "peak_rss" ? it->second.value / r.bt : r.bt / it->second.value;
         printf("%-46s %12.1f %12.1f  %-28s %7.2fx%s\n", (r.label + " " + r.unit).c_str(), r.bt, it->second.value,
-               it->second.impl.substr(0, 28).c_str(), ratio, r.key == "peak_rss_mib" ? " less" : "");
+               it->second.impl.substr(0, 28).c_str(), ratio, r.key == "peak_rss" ? " less" : "");
     }
     if (mm_n && !torch.empty()) {
         double tsum = 0;
