@@ -255,6 +255,9 @@ struct Model {
     std::vector<float> params, grads, m, v;  // (n_params) each: weights, gradients, AdamW moments
     Weights w, g;                            // named pointers into params and grads
     int adam_t = 0;                          // AdamW steps taken
+    Model() = default;
+    Model(const Model& o) { *this = o; }
+    Model& operator=(const Model& o);        // a copy owns its buffers: w and g point into the copy's
 };
 
 static void model_build(Model& M, const Config& c) {
@@ -272,6 +275,14 @@ static void model_build(Model& M, const Config& c) {
     for (auto& p : M.table)
         if (p.proc) { M.n_backbone = p.offset; break; }
     M.adam_t = 0;
+}
+
+Model& Model::operator=(const Model& o) {
+    cfg = o.cfg; table = o.table; n_params = o.n_params; n_backbone = o.n_backbone;
+    params = o.params; grads = o.grads; m = o.m; v = o.v; adam_t = o.adam_t;
+    layout_params(cfg, &w, params.data(), nullptr);
+    layout_params(cfg, &g, grads.data(), nullptr);
+    return *this;
 }
 
 // Init: every matrix N(0, 1/fan_in) (fan_in = its input width; the embedding's is d_model), the

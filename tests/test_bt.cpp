@@ -810,6 +810,14 @@ TEST_CASE("checkpoints round-trip exactly, processor and metadata included") {
     CHECK(config_meta(R.cfg) == config_meta(M.cfg));
     CHECK(R.cfg.periodic == 8);
     remove(path.c_str());
+    // a copy owns its weights: its named pointers point into its own buffers, and outlive the original
+    Model* tmp = new Model(M);
+    Model C;
+    C = *tmp;
+    delete tmp;
+    CHECK(C.w.tok_emb == C.params.data());
+    CHECK(C.g.layers[1].w2 == C.grads.data() + (C.w.layers[1].w2 - C.params.data()));
+    CHECK(C.w.proc[0].gate[0] == M.w.proc[0].gate[0]);
 }
 
 static int error_code(const std::function<void()>& f, std::string* msg = nullptr) {
@@ -1031,6 +1039,47 @@ TEST_CASE("a training step and a decoding step allocate nothing once the buffers
         CHECK(counts[2] == 0);
         CHECK(dec == 0);
     }
+}
+
+TEST_CASE("bt experiment: every arm runs, results.md and plots are written, a second run reuses every finished run") {
+    std::string dir = "/tmp/bt_test_experiment";
+    std::filesystem::remove_all(dir);
+    auto exp_args = [&] {
+        std::vector<std::string> v = {"bt", "experiment", "--task", "add", "--seeds", "1", "--stage1", "3", "--stage2", "2",
+            "--steps", "3", "--d-model", "16", "--layers", "1", "--heads", "2", "--batch", "4", "--n", "2", "--results", dir};
+        std::vector<char*> argv;
+        for (auto& x : v) argv.push_back((char*)x.c_str());
+        Args a;
+        parse_args(a, (int)argv.size(), argv.data());
+        return a;
+    };
+    double t0 = now_seconds();
+    cmd_experiment(exp_args());
+    double first = now_seconds() - t0;
+    int runs = 0;
+    for (auto& e : std::filesystem::directory_iterator(dir + "/add/runs")) runs += e.path().extension() == ".json";
+    int arms = 1;   // the v4 stage-1 backbone
+    for (auto& a : ARMS) arms += a.name[0] != 0;
+    CHECK(runs == arms);
+    for (const char* f : {"results.md", "accuracy_v4.svg", "accuracy_v1.svg", "loss_v4.svg", "loss_v1.svg", "reconsolidation.svg"})
+        CHECK(std::filesystem::exists(dir + "/add/" + f));
+    std::string md = read_bytes(dir + "/add/results.md");
+    CHECK(md.find("| bt-joint |") != std::string::npos);
+    CHECK(md.find("| pause4-frozen |") != std::string::npos);
+    RunResult r;
+    CHECK(read_run_json(dir + "/add/runs/v4-bt-s1.json", &r));
+    CHECK(r.loss.size() == 2);
+    CHECK(r.sizes.size() == (size_t)(TASKS[TASK_ADD].train_hi - TASKS[TASK_ADD].train_lo + 1 + TASKS[TASK_ADD].ood_hi -
+                                     TASKS[TASK_ADD].ood_lo + 1));
+    std::string one = dir + "/add/runs/v1-bt-joint-s1.json";
+    auto stamp = std::filesystem::last_write_time(one);
+    std::string before = read_bytes(one);
+    t0 = now_seconds();
+    cmd_experiment(exp_args());   // everything is found done: only the report is written again
+    printf("  %d runs in %.1f s; the second call reused them in %.1f s\n", runs, first, now_seconds() - t0);
+    CHECK(std::filesystem::last_write_time(one) == stamp);   // not rerun, not rewritten
+    CHECK(read_bytes(one) == before);
+    std::filesystem::remove_all(dir);
 }
 
 TEST_CASE("results are identical for 1 and 2 threads (three training steps with the processor)") {
