@@ -74,7 +74,7 @@ check-cuda:
 # perfect in distribution. One seed; v4 (stage 1 backbone, then vanilla+extra, bt frozen, pause 4)
 # and v1 (vanilla, bt joint from scratch). About 13 minutes on 2 cores; results/mul/results.md and
 # its plots. Finished runs are kept, so an interrupted make train goes on where it stopped.
-TRAIN_FLAGS ?= --task mul --regime both --seeds 1 --arms bt,pause4,bt-joint --stage1 300 --stage2 200 --steps 400 --n 50
+TRAIN_FLAGS ?= --task mul --regime both --seeds 1 --arms bt,pause4,bt-joint --stage1 600 --stage2 300 --steps 600 --n 50
 train: bt
 	./bt experiment $(TRAIN_FLAGS)
 

@@ -2776,6 +2776,7 @@ static void cmd_experiment(const Args& a) {
         double el = now_seconds() - t0;
         printf("[%zu/%zu] %s %s seed %d | elapsed %s | ETA %s\n", i + 1, jobs.size(), j.regime.c_str(), j.arm.c_str(),
                j.seed, fmt_time(el).c_str(), done > 0 && el > 5 ? fmt_time(el / done * (total - done)).c_str() : "-");
+        fflush(stdout);
         double before = now_seconds();
         all.push_back(experiment_run(X, j.regime, j.arm, j.flags, j.steps, j.seed, j.init, j.evict, j.evict_ckpt));
         if (now_seconds() - before > 1) done += j.cost;   // runs found done before do not teach the ETA

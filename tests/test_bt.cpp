@@ -908,14 +908,7 @@ TEST_CASE("bad input gets a clear error (exit code 2), never a crash") {
 // =============================================================================================
 // Training keeps its work: --resume continues exactly; a NaN stops the run and keeps the last checkpoint
 // =============================================================================================
-static Args train_args(std::vector<std::string> v) {
-    v.insert(v.begin(), {"bt", "train"});
-    std::vector<char*> argv;
-    for (auto& x : v) argv.push_back((char*)x.c_str());
-    Args a;
-    parse_args(a, (int)argv.size(), argv.data());
-    return a;
-}
+static Args train_args(const std::vector<std::string>& v) { return train_args_from(v); }
 static const std::vector<std::string> SMALL_RUN = {"--model", "bt", "--joint", "--task", "add", "--steps", "12",
     "--batch", "4", "--d-model", "16", "--layers", "2", "--heads", "2", "--max-seq-len", "128", "--save-every", "5",
     "--log-every", "100", "--seed", "3"};
