@@ -1251,9 +1251,12 @@ static void decoder_feed(Decoder& D, const int* toks, int n) {
             D.seg_start = chunk = t;
         }
         if (D.evict && toks[i] == NEWLINE && t > D.seg_start) {
-            if (t > chunk) decoder_forward(D, chunk, t);
-            evict_step(D);
-            D.seg_start = chunk = t = S.n_tok;
+            if (D.seg_start > D.evict) {   // more older entries than the budget: evict
+                if (t > chunk) decoder_forward(D, chunk, t);
+                evict_step(D);
+                chunk = t = S.n_tok;
+            }
+            D.seg_start = t;
         }
         S.tokens[t] = toks[i];
         S.pos[t] = D.next_pos++;
@@ -1487,6 +1490,9 @@ struct JsonParser {
             i = end - s.c_str();
         } else if (s.compare(i, 4, "null") == 0) {
             i += 4;
+        } else if (s.compare(i, 4, "true") == 0 || s.compare(i, 5, "false") == 0) {   // read as 1 and 0
+            j.kind = Json::NUM; j.num = s[i] == 't';
+            i += s[i] == 't' ? 4 : 5;
         } else fail("unexpected character");
         return j;
     }

@@ -45,6 +45,19 @@ inline void embedding_backward(float* demb, const float* dout, const int* tok, i
 }
 
 // ----------------------------------------------------------------------------------------------
+// dot(x, y) over n floats, in 8 interleaved partial sums so the compiler can vectorise it (the
+// order is fixed, so the result is still deterministic).
+inline float dot8(const float* x, const float* y, int n) {
+    float p[8] = {};
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int u = 0; u < 8; u++) p[u] += x[i + u] * y[i + u];
+    float s = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
+    for (; i < n; i++) s += x[i] * y[i];
+    return s;
+}
+
+// ----------------------------------------------------------------------------------------------
 // Matmul (a linear layer without bias): out[n, o] = sum_k inp[n, k] * W[o, k]
 // out (N,OC), inp (N,IC), W (OC,IC)
 //
@@ -85,26 +98,30 @@ inline void matmul_backward_naive(float* dinp, float* dW, const float* dout, con
 
 // ---- the fast path: all three products are one row-major kernel, C (+)= A Bm,
 //   C (M,Nc), A (M,K), Bm (K,Nc)
-// computed on tiles of 6 rows x 16 columns held in registers (12 AVX2 accumulators): the
-// innermost loop runs over 16 contiguous columns of Bm, which the compiler vectorises (a dot
-// product over k would be a float reduction, which it may not reorder without -ffast-math).
-// Each output is still summed in k order from zero, then stored (or added, for the gradients).
+// computed on tiles of 6 rows x 16 columns held in registers: 12 accumulators of 8 floats (GCC's
+// vector extension, one AVX2 register each; clang reads it too). For each k, two vectors of Bm's
+// row k times each of the 6 numbers A[i,k]. Written as plain float loops the compiler kept the
+// accumulators in memory and ran at half the speed. Each output is still summed in k order from
+// zero, then stored (or added, for the gradients).
 static const int MM_TR = 6, MM_TC = 16;
+typedef float v8f __attribute__((vector_size(32)));   // 8 floats
+inline v8f load8(const float* p) { v8f v; memcpy(&v, p, sizeof v); return v; }
 
 inline void gemm_tile(float* C, int ldc, const float* A, int lda, const float* Bm, int ldb, int K, int add) {
-    float a0[MM_TC] = {}, a1[MM_TC] = {}, a2[MM_TC] = {}, a3[MM_TC] = {}, a4[MM_TC] = {}, a5[MM_TC] = {};
+    v8f acc[MM_TR][2] = {};   // acc[i][h] = C[i, 8h .. 8h+7]
     for (int k = 0; k < K; k++) {
-        const float* w = Bm + (long)k * ldb;
-        float b0 = A[k], b1 = A[lda + k], b2 = A[2L * lda + k], b3 = A[3L * lda + k], b4 = A[4L * lda + k],
-              b5 = A[5L * lda + k];
-        for (int j = 0; j < MM_TC; j++) {
-            a0[j] += b0 * w[j]; a1[j] += b1 * w[j]; a2[j] += b2 * w[j];
-            a3[j] += b3 * w[j]; a4[j] += b4 * w[j]; a5[j] += b5 * w[j];
+        v8f w0 = load8(Bm + (long)k * ldb), w1 = load8(Bm + (long)k * ldb + 8);
+        for (int i = 0; i < MM_TR; i++) {
+            float a = A[(long)i * lda + k];
+            acc[i][0] += a * w0;
+            acc[i][1] += a * w1;
         }
     }
-    float* acc[MM_TR] = {a0, a1, a2, a3, a4, a5};
-    for (int i = 0; i < MM_TR; i++)
-        for (int j = 0; j < MM_TC; j++) C[(long)i * ldc + j] = (add ? C[(long)i * ldc + j] : 0.0f) + acc[i][j];
+    for (int i = 0; i < MM_TR; i++) {
+        float row[MM_TC];
+        memcpy(row, acc[i], sizeof row);
+        for (int j = 0; j < MM_TC; j++) C[(long)i * ldc + j] = (add ? C[(long)i * ldc + j] : 0.0f) + row[j];
+    }
 }
 
 // a ragged edge: rows [m0,m1) x columns [j0,j1), one sum per output
@@ -145,9 +162,17 @@ inline float* transposed(const float* in, int rows, int cols, int slot) {
     return out;
 }
 
+// the few-rows path (decoding feeds one row at a time): the naive loop with each dot product in
+// 8 interleaved partial sums (dot8), which vectorises, and the outputs split across threads
+inline void matmul_forward_rows(float* out, const float* inp, const float* W, int N, int IC, int OC) {
+    #pragma omp parallel for collapse(2) if ((long)N * OC * IC >= 32768)
+    for (int n = 0; n < N; n++)
+        for (int o = 0; o < OC; o++) out[(long)n * OC + o] = dot8(inp + (long)n * IC, W + (long)o * IC, IC);
+}
+
 // out = inp W^T: Bm = W^T (IC,OC)
 inline void matmul_forward(float* out, const float* inp, const float* W, int N, int IC, int OC) {
-    if (N < MM_TR || OC < MM_TC) { matmul_forward_naive(out, inp, W, N, IC, OC); return; }
+    if (N < MM_TR || OC < MM_TC) { matmul_forward_rows(out, inp, W, N, IC, OC); return; }
     gemm(out, inp, transposed(W, OC, IC, 0), N, IC, OC, 0);
 }
 
@@ -243,19 +268,6 @@ inline void rope_backward(float* dinp, const float* dout, const int* pos, int N,
             }
         }
     }
-}
-
-// ----------------------------------------------------------------------------------------------
-// dot(x, y) over n floats, in 8 interleaved partial sums so the compiler can vectorise it (the
-// order is fixed, so the result is still deterministic).
-inline float dot8(const float* x, const float* y, int n) {
-    float p[8] = {};
-    int i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int u = 0; u < 8; u++) p[u] += x[i + u] * y[i + u];
-    float s = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
-    for (; i < n; i++) s += x[i] * y[i];
-    return s;
 }
 
 // ----------------------------------------------------------------------------------------------

@@ -262,6 +262,25 @@ static bool fd_check(const std::string& op, const std::function<double()>& loss,
     return ok;
 }
 
+TEST_CASE("the fast matmul (tiles, and the few-rows path decoding uses) equals the naive loop within float rounding") {
+    Rng r(12);
+    const int shapes[][3] = {{1, 128, 384}, {1, 128, 48}, {3, 24, 40}, {5, 7, 3}, {37, 24, 40}, {64, 128, 48}};
+    for (auto& sh : shapes) {
+        int N = sh[0], IC = sh[1], OC = sh[2];
+        auto x = randv(r, (long)N * IC), W = randv(r, (long)OC * IC), d = randv(r, (long)N * OC);
+        std::vector<float> fast((long)N * OC), naive((long)N * OC);
+        matmul_forward(fast.data(), x.data(), W.data(), N, IC, OC);
+        matmul_forward_naive(naive.data(), x.data(), W.data(), N, IC, OC);
+        CHECK(check_tensor(strf("matmul forward %dx%d->%d", N, IC, OC), fast.data(), naive.data(), fast.size(),
+                           1e-5f * max_abs(naive.data(), naive.size())));
+        std::vector<float> dx1((long)N * IC, 0.0f), dx2 = dx1, dW1((long)OC * IC, 0.0f), dW2 = dW1;
+        matmul_backward(dx1.data(), dW1.data(), d.data(), x.data(), W.data(), N, IC, OC);
+        matmul_backward_naive(dx2.data(), dW2.data(), d.data(), x.data(), W.data(), N, IC, OC);
+        CHECK(check_tensor("  backward dinp", dx1.data(), dx2.data(), dx1.size(), 1e-5f * max_abs(dx2.data(), dx2.size())));
+        CHECK(check_tensor("  backward dW", dW1.data(), dW2.data(), dW1.size(), 1e-5f * max_abs(dW2.data(), dW2.size())));
+    }
+}
+
 TEST_CASE("finite differences: embedding, matmul (naive and fast), rmsnorm, rope, residual") {
     Rng r(11);
     int N = 6, C = 32, V = 5, OC = 20;
