@@ -24,9 +24,14 @@ void* operator new(size_t n) {
     if (void* p = malloc(n ? n : 1)) return p;
     throw std::bad_alloc();
 }
-#pragma GCC diagnostic ignored "-Wmismatched-new-delete"   // these deletes pair with the new above
+void* operator new(size_t n, const std::nothrow_t&) noexcept {   // std::stable_sort's buffer comes from here
+    g_allocations++;
+    return malloc(n ? n : 1);
+}
+#pragma GCC diagnostic ignored "-Wmismatched-new-delete"   // these deletes pair with the news above
 void operator delete(void* p) noexcept { free(p); }
 void operator delete(void* p, size_t) noexcept { free(p); }
+void operator delete(void* p, const std::nothrow_t&) noexcept { free(p); }
 
 // ---------------------------------------------------------------------------------------------
 // check_tensor: prints the first pairs, max abs / rel diff, the worst index and how much of the
