@@ -2560,7 +2560,7 @@ static double sd_of(const std::vector<double>& v) {   // sample standard deviati
 }
 static std::string pm(const std::vector<double>& v, const char* fmt = "%.3f") {
     if (v.empty()) return "-";
-    return v.size() < 2 ? strf(fmt, mean_of(v)) : strf(fmt, mean_of(v)) + " ± " + strf(fmt, sd_of(v));
+    return v.size() < 2 ? strf(fmt, mean_of(v)) : strf(fmt, mean_of(v)) + " ± " + strf(fmt[1] == '+' ? "%.3f" : fmt, sd_of(v));
 }
 
 // Which earlier positions each layer reconsolidated at each boundary, for one OOD example decoded
