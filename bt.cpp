@@ -2789,14 +2789,17 @@ static void cmd_experiment(const Args& a) {
         else total -= j.cost;
     }
     // the report
+    double train_seconds = 0;
+    for (auto& r : all) train_seconds += r.seconds;
     std::string md = strf("# %s: does the bottleneck help?\n\nWritten by `bt experiment --task %s --regime %s --seeds %d "
-                          "--stage1 %d --stage2 %d --steps %d --d-model %d --layers %d --heads %d --batch %s --n %d` "
-                          "(%s; this session's part took %s). Every arm of a regime sees the same data stream and budget "
+                          "--stage1 %d --stage2 %d --steps %d --d-model %d --layers %d --heads %d --batch %s --n %d%s` "
+                          "(%s; training time summed over the runs: %s). Every arm of a regime sees the same data stream and budget "
                           "per seed. Mean ± sample standard deviation over seeds; Δ columns: per-seed difference from the "
                           "regime's control, then mean ± sd. ID sizes %d..%d, OOD %d..%d, %d examples per size.\n",
                           TASKS[X.task].name, TASKS[X.task].name, regime.c_str(), seeds, X.stage1, X.stage2, X.steps,
-                          base.C, base.L, base.NH, a.str("batch").c_str(), X.n_eval, build_flags().c_str(),
-                          fmt_time(now_seconds() - t0).c_str(), TASKS[X.task].train_lo, TASKS[X.task].train_hi,
+                          base.C, base.L, base.NH, a.str("batch").c_str(), X.n_eval,
+                          a.has("arms") ? (" --arms " + a.str("arms")).c_str() : "", build_flags().c_str(),
+                          fmt_time(train_seconds).c_str(), TASKS[X.task].train_lo, TASKS[X.task].train_hi,
                           TASKS[X.task].ood_lo, TASKS[X.task].ood_hi, X.n_eval);
     if (v4) {
         md += "\n## v4: a processor on a frozen backbone\n\nStage 1 trained a vanilla backbone for " +
