@@ -1580,9 +1580,19 @@ static std::string json_escape(const std::string& s) {
     return o;
 }
 
+// Written to path + ".tmp" and renamed, so a crash never leaves half a file.
+static void write_file(const std::string& path, const std::string& text) {
+    std::string tmp = path + ".tmp";
+    FILE* f = fopen(tmp.c_str(), "wb");
+    if (!f) BAD_INPUT("%s: cannot write (does the folder exist?)", tmp.c_str());
+    bool ok = fwrite(text.data(), 1, text.size(), f) == text.size();
+    ok = (fclose(f) == 0) && ok;
+    if (!ok || rename(tmp.c_str(), path.c_str()) != 0) INTERNAL("%s: write failed (disk full?)", path.c_str());
+}
+
 struct OutTensor { std::string name; std::vector<int> shape; const float* data; };
 
-// Written to path + ".tmp" and renamed, so a crash never leaves half a checkpoint.
+// A safetensors file, written atomically by write_file.
 static void write_safetensors(const std::string& path, std::vector<OutTensor> ts,
                               const std::map<std::string, std::string>& meta) {
     std::sort(ts.begin(), ts.end(), [](const OutTensor& a, const OutTensor& b) { return a.name < b.name; });
@@ -1604,19 +1614,15 @@ static void write_safetensors(const std::string& path, std::vector<OutTensor> ts
     }
     h += "}";
     while ((8 + h.size()) % 8) h += ' ';
-    std::string tmp = path + ".tmp";
-    FILE* f = fopen(tmp.c_str(), "wb");
-    if (!f) BAD_INPUT("%s: cannot write (does the folder exist?)", tmp.c_str());
-    unsigned char len[8];
-    for (int b = 0; b < 8; b++) len[b] = (unsigned char)((uint64_t)h.size() >> (8 * b));
-    bool ok = fwrite(len, 1, 8, f) == 8 && fwrite(h.data(), 1, h.size(), f) == h.size();
+    std::string bytes(8, '\0');
+    for (int b = 0; b < 8; b++) bytes[b] = (char)(unsigned char)((uint64_t)h.size() >> (8 * b));
+    bytes += h;
     for (auto& t : ts) {
         long n = 1;
         for (int d : t.shape) n *= d;
-        ok = ok && fwrite(t.data, 4, n, f) == (size_t)n;
+        bytes.append((const char*)t.data, sizeof(float) * n);
     }
-    ok = (fclose(f) == 0) && ok;
-    if (!ok || rename(tmp.c_str(), path.c_str()) != 0) INTERNAL("%s: write failed (disk full?)", path.c_str());
+    write_file(path, bytes);
 }
 
 // ---- model config <-> metadata: one table of the integer keys, with the ranges a loader accepts
@@ -2413,15 +2419,6 @@ static bool read_run_json(const std::string& path, RunResult* r) {
     return true;
 }
 
-static void write_text(const std::string& path, const std::string& text) {
-    std::string tmp = path + ".tmp";
-    FILE* f = fopen(tmp.c_str(), "wb");
-    if (!f) BAD_INPUT("%s: cannot write (does the folder exist?)", tmp.c_str());
-    bool ok = fwrite(text.data(), 1, text.size(), f) == text.size();
-    ok = (fclose(f) == 0) && ok;
-    if (!ok || rename(tmp.c_str(), path.c_str()) != 0) INTERNAL("%s: write failed (disk full?)", path.c_str());
-}
-
 // every size from the task's smallest training size to its largest OOD size, n examples each
 static void evaluate_run(RunResult& r, const Model& M, Task task, int n, int evict) {
     const TaskInfo& ti = TASKS[task];
@@ -2491,7 +2488,7 @@ static RunResult experiment_run(const Experiment& X, const std::string& regime, 
     evaluate_run(r, M, X.task, X.n_eval, evict);
     printf("\r  %-22s seed %d: %s, ID %.3f, OOD %.3f (all lines %.3f)                 \n", arm.c_str(), seed,
            evict ? "no training" : fmt_time(r.seconds).c_str(), r.id_answer, r.ood_answer, r.ood_lines);
-    write_text(base + ".json", run_json(r));
+    write_file(base + ".json", run_json(r));
     remove(state_path(base + ".safetensors").c_str());   // finished: the JSON and the checkpoint are what stays
     return r;
 }
@@ -2544,7 +2541,7 @@ static void plot_series(Plot& p, const std::vector<double>& xs, const std::vecto
     p.svg += strf("<text x=\"%.0f\" y=\"%.0f\">%s</text>\n", p.W - p.R + 32, ly + 4, label.c_str());
 }
 
-static void plot_end(Plot& p, const std::string& path) { write_text(path, p.svg + "</svg>\n"); }
+static void plot_end(Plot& p, const std::string& path) { write_file(path, p.svg + "</svg>\n"); }
 
 // ---- tables over seeds
 static double mean_of(const std::vector<double>& v) {
@@ -2599,7 +2596,7 @@ static void plot_reconsolidation(const Model& M, Task task, const std::string& t
                           x0 + cell * sel[i], y0 + cell * j, cell, cell);
         }
     }
-    write_text(path, s + "</svg>\n");
+    write_file(path, s + "</svg>\n");
 }
 
 // results.md and the plots of one regime
@@ -2821,7 +2818,7 @@ static void cmd_experiment(const Args& a) {
                                              v1 ? "v1 bt-joint" : "v4 bt"), X.dir + "/reconsolidation.svg");
         md += "\n## Which entries get reconsolidated\n\n![reconsolidation](reconsolidation.svg)\n";
     }
-    write_text(X.dir + "/results.md", md);
+    write_file(X.dir + "/results.md", md);
     printf("\n%s\nwrote %s/results.md and its plots in %s\n", md.c_str(), X.dir.c_str(), fmt_time(now_seconds() - t0).c_str());
 }
 

@@ -932,7 +932,6 @@ TEST_CASE("bad input gets a clear error (exit code 2), never a crash") {
 // =============================================================================================
 // Training keeps its work: --resume continues exactly; a NaN stops the run and keeps the last checkpoint
 // =============================================================================================
-static Args train_args(const std::vector<std::string>& v) { return train_args_from(v); }
 static const std::vector<std::string> SMALL_RUN = {"--model", "bt", "--joint", "--task", "add", "--steps", "12",
     "--batch", "4", "--d-model", "16", "--layers", "2", "--heads", "2", "--max-seq-len", "128", "--save-every", "5",
     "--log-every", "100", "--seed", "3"};
@@ -944,16 +943,16 @@ static std::vector<std::string> with(std::vector<std::string> v, const std::vect
 TEST_CASE("a run stopped midway and resumed ends bitwise equal to the run left alone (joint, processor on)") {
     std::string a = "/tmp/bt_test_whole.safetensors", b = "/tmp/bt_test_stopped.safetensors";
     TrainRun A;
-    train_setup(A, train_args(with(SMALL_RUN, {"--out", a})));
+    train_setup(A, train_args_from(with(SMALL_RUN, {"--out", a})));
     train_steps(A, 12);
     save_run(A);
     {
         TrainRun B;   // saves at step 5 and 10, then is dropped at step 8 without a word
-        train_setup(B, train_args(with(SMALL_RUN, {"--out", b})));
+        train_setup(B, train_args_from(with(SMALL_RUN, {"--out", b})));
         train_steps(B, 8);
     }
     TrainRun C;
-    train_setup(C, train_args({"--resume", b}));
+    train_setup(C, train_args_from({"--resume", b}));
     CHECK(C.step == 5);
     train_steps(C, 12);
     save_run(C);
@@ -971,16 +970,16 @@ TEST_CASE("a run stopped midway and resumed ends bitwise equal to the run left a
     // what --resume refuses
     std::string msg;
     TrainRun X;
-    CHECK(error_code([&] { train_setup(X, train_args({"--resume", b, "--lr", "0.1"})); }, &msg) == 2);
+    CHECK(error_code([&] { train_setup(X, train_args_from({"--resume", b, "--lr", "0.1"})); }, &msg) == 2);
     CHECK(msg.find("--lr") != std::string::npos);
-    CHECK(error_code([&] { train_setup(X, train_args({"--resume", "/tmp/bt_no_such_run.safetensors"})); }) == 2);
+    CHECK(error_code([&] { train_setup(X, train_args_from({"--resume", "/tmp/bt_no_such_run.safetensors"})); }) == 2);
     std::string mixed = read_bytes(a);   // a checkpoint from step 12 beside a state from step 5
     TrainRun D;
-    train_setup(D, train_args(with(SMALL_RUN, {"--out", b})));
+    train_setup(D, train_args_from(with(SMALL_RUN, {"--out", b})));
     train_steps(D, 5);
     save_run(D);
     write_bytes(b, mixed);
-    CHECK(error_code([&] { TrainRun Y; train_setup(Y, train_args({"--resume", b})); }, &msg) == 2);
+    CHECK(error_code([&] { TrainRun Y; train_setup(Y, train_args_from({"--resume", b})); }, &msg) == 2);
     CHECK(msg.find("step 12") != std::string::npos);
     for (auto& p : {a, b}) { remove(p.c_str()); remove(state_path(p).c_str()); }
 }
@@ -988,7 +987,7 @@ TEST_CASE("a run stopped midway and resumed ends bitwise equal to the run left a
 TEST_CASE("a NaN loss stops the run (exit 1) and leaves the last good checkpoint") {
     std::string path = "/tmp/bt_test_nan.safetensors";
     TrainRun R;
-    train_setup(R, train_args(with(SMALL_RUN, {"--out", path})));
+    train_setup(R, train_args_from(with(SMALL_RUN, {"--out", path})));
     train_steps(R, 7);   // saved at step 5
     std::vector<float> saved_at_7 = R.M.params;
     R.M.w.tok_emb[5 * R.M.cfg.C] = NAN;   // one weight of the digit '1' goes bad
