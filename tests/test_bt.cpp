@@ -1214,3 +1214,140 @@ TEST_CASE("finite differences: gather, transform and write back, each on its own
         CHECK(fd_check("write_back", loss, {{"delta", delta.data(), (long)delta.size(), ddelta.data()}, {"gate", &gate, 1, &dgate}}));
     }
 }
+
+// =============================================================================================
+// bt probe: the probe trainer, the update statistics, the future labels, the collection
+// =============================================================================================
+TEST_CASE("probe_fit recovers a planted linear signal and reports chance on noise") {
+    Rng r(41);
+    int D = 12, K = 5;
+    long N = 4000;
+    std::vector<float> x(N * D), Wt(K * D);
+    for (auto& v : x) v = r.normal() * 3.0f + 1.0f;   // off-centre and scaled: the probe standardises
+    for (auto& v : Wt) v = r.normal();
+    std::vector<int> y(N), noise(N);
+    std::vector<char> test(N);
+    for (long n = 0; n < N; n++) {
+        int best = 0;   // y = argmax_k Wt[k] . x
+        double bv = -1e30;
+        for (int k = 0; k < K; k++) {
+            double s = 0;
+            for (int d = 0; d < D; d++) s += Wt[k * D + d] * x[n * D + d];
+            if (s > bv) { bv = s; best = k; }
+        }
+        y[n] = best;
+        noise[n] = r.randint(0, K - 1);
+        test[n] = n % 2;
+    }
+    ProbeFit f = probe_fit(x.data(), y.data(), test.data(), N, D, K, 7);
+    CHECK(f.n_train == 2000);
+    CHECK(f.n_test == 2000);
+    CHECK(f.test_acc > 0.95);
+    CHECK(f.chance < 0.5);
+    // the same features, labels independent of them: held-out accuracy is chance (1/K) within
+    // four standard errors (sqrt(0.2 * 0.8 / 2000) = 0.009), though the probe fits its training half
+    ProbeFit g = probe_fit(x.data(), noise.data(), test.data(), N, D, K, 7);
+    CHECK(std::fabs(g.test_acc - 1.0 / K) < 0.04);
+    CHECK(std::fabs(g.chance - 1.0 / K) < 0.04);
+    CHECK(g.train_acc > g.test_acc);
+    // chance is the most common training label scored on the test rows
+    std::vector<int> skew(N);
+    for (long n = 0; n < N; n++) skew[n] = (n / 2) % 10 < 7 ? 2 : 3;   // 70% label 2 in both halves
+    CHECK(probe_fit(x.data(), skew.data(), test.data(), N, D, K, 7).chance == doctest::Approx(0.7));
+}
+
+TEST_CASE("update statistics on known tiny tensors") {
+    float pre[2] = {3, 4}, post[2] = {3.3f, 4.4f};
+    CHECK(rel_update(pre, post, 2) == doctest::Approx(0.1));
+    float zero2[2] = {0, 0};
+    CHECK(rel_update(zero2, post, 2) == 0.0);
+    // one firing after segment [3,5) with C = 2: sel = {1 (recalled, in the question: q_end 2), 3, 4}
+    // u: the values before; K, V (T = 5, C = 2): the cache after
+    int sel[3] = {1, 3, 4};
+    float u[3 * 4] = {1, 0, 0, 2,    // position 1: K (1,0), V (0,2)
+                      0, 1, 1, 1,    // position 3: K (0,1), V (1,1)
+                      2, 0, 0, 1};   // position 4: K (2,0), V (0,1)
+    float K[5 * 2] = {9, 9, 1.5f, 0, 9, 9, 0, 1, 2, 1};   // ΔK: pos 1 (0.5,0) 0.5; pos 3 none 0; pos 4 (0,1) 0.5
+    float V[5 * 2] = {9, 9, 0, 2, 9, 9, 1, 2, 0, 1};      // ΔV: pos 1 none 0; pos 3 (0,1) 1/sqrt2; pos 4 none 0
+    UpdateStats U;
+    update_stats_init(U, 2);
+    update_stats_add(U, 1, 3, 5, sel, 3, u, K, V, 2, 2);
+    CHECK(U.n[0][1] == 2);
+    CHECK(U.n[1][1] == 1);
+    CHECK(U.dk[1][1] == doctest::Approx(0.5));
+    CHECK(U.dv[1][1] == doctest::Approx(0.0));
+    CHECK(U.dk[0][1] == doctest::Approx(0.0 + 0.5));
+    CHECK(U.dv[0][1] == doctest::Approx(1.0 / sqrt(2.0)));
+    CHECK(U.picks[1] == 1);
+    CHECK(U.picks_question[1] == 1);
+    CHECK(U.uniform_question[1] == doctest::Approx(2.0 / 3.0));   // 2 of the 3 older positions are the question
+    CHECK(U.n[0][0] == 0);   // layer 0 untouched
+}
+
+TEST_CASE("future labels: the next line's quantities, per task") {
+    int res, opd;
+    auto lines = split_lines("1*4-0+3\n1*4=4\n4-0=4\n4+3=7\n#7$");
+    future_labels(TASK_CHAIN, lines, 3, &res, &opd);
+    CHECK(res == 7); CHECK(opd == 3);
+    lines = split_lines("t=b+0;a=o-2;q=x+7;o=q*4;x=0\nx=0\nq=x+7=7\no=q*4=8\na=o-2=6\n#6$");
+    future_labels(TASK_VAR, lines, 1, &res, &opd);
+    CHECK(res == 0); CHECK(opd == -1);   // "x=0" has no operand
+    future_labels(TASK_VAR, lines, 3, &res, &opd);
+    CHECK(res == 8); CHECK(opd == 4);
+    lines = split_lines("891+721\n8+7+0=5,1\n9+2+1=2,1\n1+1+1=3,0\n#523$");
+    future_labels(TASK_ADD, lines, 2, &res, &opd);
+    CHECK(res == 1); CHECK(opd == 9);
+    future_labels(TASK_ADD, lines, 3, &res, &opd);
+    CHECK(res == 0); CHECK(opd == 1);
+    lines = split_lines("21*43\n840,840\n0630,8040\n#8040$");   // 12 x 34 = 408
+    future_labels(TASK_MUL, lines, 1, &res, &opd);
+    CHECK(res == 8); CHECK(opd == 4);
+    future_labels(TASK_MUL, lines, 2, &res, &opd);
+    CHECK(res == 0); CHECK(opd == 3);
+}
+
+TEST_CASE("probe collection: entries before the first rewrite equal the backbone's; after = the cache after the rewrite") {
+    Model M;
+    tiny_model(M, true, 23);
+    Rng r(3);
+    std::string text = gen_chain(r, 3);   // 5 segments: the question, 3 lines, the answer
+    ProbeData P;
+    P.L = M.cfg.L; P.C = M.cfg.C;
+    update_stats_init(P.U, P.L);
+    probe_collect(P, M, M, TASK_CHAIN, text, 0);
+    std::vector<int> toks = tokenize(text, "t");
+    RunState S;
+    run_state_build(S, M.cfg, (int)toks.size(), 1, false);
+    memcpy(S.tokens, toks.data(), sizeof(int) * toks.size());
+    std::vector<int> b = segment_bounds(M.cfg, S, (int)toks.size());
+    REQUIRE(b.size() == 6);
+    CHECK((int)P.pos.size() == b[4]);   // every position but the answer line's
+    long LC = (long)P.L * P.C;
+    // segment 0 is computed before any rewrite, so both models wrote the same keys there (up to the
+    // rounding of a segment pass against one full pass); later lines read a rewritten cache
+    double seg0_diff = 0, later_diff = 0;
+    bool after_moved = true;
+    for (int p = 0; p < b[4]; p++)
+        for (long i = 0; i < LC; i++) {
+            double d = std::fabs(P.feat[STAGE_BACKBONE][0][p * LC + i] - P.feat[STAGE_BEFORE][0][p * LC + i]);
+            (p < b[1] ? seg0_diff : later_diff) = std::max(p < b[1] ? seg0_diff : later_diff, d);
+        }
+    for (int p = 0; p < b[4]; p++) {
+        double d = 0;
+        for (long i = 0; i < LC; i++) d += std::fabs(P.feat[STAGE_AFTER][1][p * LC + i] - P.feat[STAGE_BEFORE][1][p * LC + i]);
+        after_moved &= d > 0;
+    }
+    CHECK(seg0_diff < 1e-5);
+    CHECK(later_diff > 1e-2);
+    CHECK(after_moved);
+    // labels: the question's entries carry line 1's quantities; the last line's entries none
+    int res, opd;
+    future_labels(TASK_CHAIN, split_lines(text), 1, &res, &opd);
+    CHECK(P.label[PROBE_RESULT][0] == res);
+    CHECK(P.label[PROBE_OPERAND][b[1] - 1] == opd);
+    CHECK(P.label[PROBE_RESULT][b[4] - 1] == -1);
+    CHECK(P.label[PROBE_TOKEN][2] == toks[2]);
+    // every consolidated entry of 3 boundaries x 2 layers was counted, and k = 2 recalls after the first
+    CHECK(P.U.n[0][0] == b[4]);
+    CHECK(P.U.n[1][1] == 2 * 3);
+}
