@@ -2801,6 +2801,13 @@ static void cmd_experiment(const Args& a) {
                           a.has("arms") ? (" --arms " + a.str("arms")).c_str() : "", build_flags().c_str(),
                           fmt_time(train_seconds).c_str(), TASKS[X.task].train_lo, TASKS[X.task].train_hi,
                           TASKS[X.task].ood_lo, TASKS[X.task].ood_hi, X.n_eval);
+    // the numbers that led to the budgets: written by hand (pilot runs) in calibration.md beside results.md
+    std::ifstream cal(X.dir + "/calibration.md");
+    if (cal.good()) {
+        std::stringstream ss;
+        ss << cal.rdbuf();
+        md += "\n## Calibration: how the sizes and budgets were chosen\n\n(from calibration.md)\n\n" + ss.str();
+    }
     if (v4) {
         md += "\n## v4: a processor on a frozen backbone\n\nStage 1 trained a vanilla backbone for " +
               std::to_string(X.stage1) + " steps (row `backbone`: where every arm starts); every arm then trained " +
