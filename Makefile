@@ -1,5 +1,6 @@
 # bt -- make | make test | make train | make bench | make reference | make debug | make sanitize | make fuzz | make resume-test
-# Options: NO_OMP=1 (no OpenMP), USE_CUDA=1 (also test kernels.cu on the GPU through nvcc)
+# Options: NO_OMP=1 (no OpenMP), USE_CUDA=1 (bt through nvcc, with --device cuda; make test also runs
+#          tests/test_kernels on the GPU). Without USE_CUDA nothing needs CUDA.
 SHELL    := /bin/bash
 CXX      ?= g++
 CXXFLAGS ?= -O3
@@ -25,20 +26,31 @@ else
   $(info ✗ OpenMP (compiler has no -fopenmp))
 endif
 
+# nvcc compiles the .cpp files as CUDA (-x cu); the host code gets the same -fopenmp and -march=native
 NVCC      ?= $(shell command -v nvcc 2>/dev/null || echo /usr/local/cuda/bin/nvcc)
 NVCCFLAGS ?= -O3
-NVCCFLAGS += -std=c++17 -x cu $(if $(filter -fopenmp,$(CXXFLAGS)),-Xcompiler -fopenmp)
+NVCCFLAGS += -std=c++17 -x cu $(if $(filter -fopenmp,$(CXXFLAGS)),-Xcompiler -fopenmp) \
+             $(if $(filter -march=native,$(CXXFLAGS)),-Xcompiler -march=native)
 TEST_BINS  = tests/test_bt tests/test_kernels
 ifeq ($(USE_CUDA),1)
   TEST_BINS += tests/test_kernels_gpu
-  $(info ✓ CUDA kernel tests (USE_CUDA=1; bt --device cuda is not written yet))
+  BT_BUILD   = $(NVCC) $(NVCCFLAGS) -DUSE_CUDA
+  $(info ✓ CUDA (USE_CUDA=1): bt through $(NVCC) with --device cuda; make test also runs the GPU tests)
+else
+  BT_BUILD   = $(CXX) $(CXXFLAGS)
+  $(info ✗ CUDA (make USE_CUDA=1 for bt --device cuda))
 endif
 
-.PHONY: all test train reference debug sanitize fuzz resume-test check-cuda bench clean deps
+.PHONY: all test train reference debug sanitize fuzz resume-test check-cuda bench clean deps FORCE
 all: bt
 
-bt: bt.cpp tensor.hpp
-	$(CXX) $(CXXFLAGS) -o $@ bt.cpp
+# bt is rebuilt when the way to build it changes (make, then make USE_CUDA=1): the command line is
+# kept in a stamp file (*.tmp is git-ignored)
+bt-build.tmp: FORCE
+	@echo '$(BT_BUILD)' | cmp -s - $@ || echo '$(BT_BUILD)' > $@
+
+bt: bt.cpp tensor.hpp kernels.cu bt-build.tmp
+	$(BT_BUILD) -o $@ bt.cpp
 
 # doctest comes from Debian's doctest-dev; installed here when missing and we are root
 deps:
@@ -54,8 +66,9 @@ deps:
 tests/test_bt: tests/test_bt.cpp tests/fuzz.cpp bt.cpp tensor.hpp | deps
 	$(CXX) $(CXXFLAGS) -o $@ tests/test_bt.cpp
 
-# the kernels of kernels.cu against the CPU ops: on the CPU through tests/cuda_on_cpu.hpp (always),
-# and on the GPU with USE_CUDA=1 (with no GPU present, that binary says so and passes)
+# the kernels of kernels.cu against the CPU ops, and bt's device path (--device cuda) against its CPU
+# path: on the CPU through tests/cuda_on_cpu.hpp (always), and on the GPU with USE_CUDA=1 (with no
+# GPU present, that binary says so and passes)
 tests/test_kernels: tests/test_kernels.cpp kernels.cu tests/cuda_on_cpu.hpp bt.cpp tensor.hpp | deps
 	$(CXX) $(CXXFLAGS) -o $@ tests/test_kernels.cpp
 
@@ -65,10 +78,12 @@ tests/test_kernels_gpu: tests/test_kernels.cpp kernels.cu bt.cpp tensor.hpp | de
 test: deps $(TEST_BINS)
 	@for t in $(TEST_BINS); do echo "== $$t"; ./$$t || exit 1; done
 
-# CI: kernels.cu must compile with nvcc (needs no GPU)
-check-cuda:
+# CI: kernels.cu, bt with --device cuda, and the GPU tests must compile with nvcc (needs no GPU)
+check-cuda: | deps
 	$(NVCC) $(NVCCFLAGS) -c kernels.cu -o /dev/null
-	@echo "✓ kernels.cu compiles with $(NVCC)"
+	$(NVCC) $(NVCCFLAGS) -DUSE_CUDA -c bt.cpp -o /dev/null
+	$(NVCC) $(NVCCFLAGS) -c tests/test_kernels.cpp -o /dev/null
+	@echo "✓ kernels.cu, bt.cpp (bt --device cuda) and tests/test_kernels.cpp compile with $(NVCC)"
 
 # the main job: a small but real experiment on mul, the task where the vanilla model is not already
 # perfect in distribution. One seed; v4 (stage 1 backbone, then vanilla+extra, bt frozen, pause 4)
@@ -136,4 +151,5 @@ fuzz: tests/fuzz.cpp bt.cpp tensor.hpp
 	done
 
 clean:
-	rm -f bt bt_debug tests/test_bt tests/test_bt_san tests/fuzz_checkpoint tests/fuzz_data tests/test_kernels tests/test_kernels_gpu
+	rm -f bt bt_debug bt-build.tmp tests/test_bt tests/test_bt_san tests/fuzz_checkpoint tests/fuzz_data tests/test_kernels \
+	  tests/test_kernels_gpu

@@ -7,6 +7,7 @@
 //
 // Build and run:   make && ./bt train --task chain --out chain.safetensors
 //                  ./bt eval --ckpt chain.safetensors --task chain
+// On a GPU:        make USE_CUDA=1 && ./bt train --device cuda ...   (every op through kernels.cu)
 // Tests:           make test        (tests/test_bt.cpp includes this file with BT_TESTING)
 // Design of record: DESIGN.md in the shared folder; the exact model spec: tests/MODEL_SPEC.md.
 //
@@ -31,6 +32,19 @@
 
 #include "tensor.hpp"
 
+// --device cuda: a build with CUDA (make USE_CUDA=1: nvcc and -DUSE_CUDA) also compiles kernels.cu,
+// whose launchers cuda::<op> take the arguments of the ops in tensor.hpp (and of the processor's
+// steps below), as device pointers. tests/test_kernels.cpp defines BT_DEVICE itself and compiles
+// kernels.cu with g++ through tests/cuda_on_cpu.hpp, so the device path runs in make test too.
+#if defined(USE_CUDA) || defined(__CUDACC__)
+#ifndef BT_DEVICE
+#define BT_DEVICE
+#endif
+#endif
+#ifdef BT_DEVICE
+#include "kernels.cu"
+#endif
+
 // =============================================================================================
 // Errors and small utilities
 // =============================================================================================
@@ -54,6 +68,8 @@ static std::string strf(const char* fmt, ...) {
 #define INTERNAL(...) throw BtError(1, strf(__VA_ARGS__))
 
 static void zero(float* p, long n) { memset(p, 0, sizeof(float) * n); }
+static void copy_floats(float* dst, const float* src, long n) { memcpy(dst, src, sizeof(float) * n); }
+static void copy_ints(int* dst, const int* src, long n) { memcpy(dst, src, sizeof(int) * n); }
 
 static double now_seconds() {
     return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
@@ -85,6 +101,83 @@ struct Carver {
     long off = 0;
     float* take(long n) { float* p = base ? base + off : nullptr; off += n; return p; }
 };
+
+// =============================================================================================
+// Where the ops run: the CPU, or a CUDA device (--device cuda)
+//
+// Every op call of the model goes through OP(): OP(matmul_forward(out, inp, W, N, IC, OC)) runs
+// tensor.hpp's matmul_forward, or under --device cuda kernels.cu's cuda::matmul_forward with the
+// same arguments. Without CUDA compiled in, OP(call) is just the call. There is one copy of the
+// model's code (block_forward, bottleneck_step, forward_sequence, ...) for both.
+// On the device, the buffers the ops touch (weights, gradients, AdamW moments, activations, the KV
+// cache, the undo log) live in device memory. The few numbers the host needs (tokens in; the loss,
+// logits and gradient norm out) go through to_device / to_host: explicit copies on the device,
+// nothing at all on the CPU, where the host's copy and the ops' buffer are the same memory.
+// =============================================================================================
+#ifdef BT_DEVICE
+static bool g_device = false;   // --device cuda (tests switch it on around a device run)
+#define OP(call) (g_device ? cuda::call : ::call)
+#else
+static const bool g_device = false;
+#define OP(call) ::call
+#endif
+
+// Device memory owned by a Model or a RunState, freed with it. Empty on the CPU.
+struct DeviceMem {
+    void* p = nullptr;
+    DeviceMem() = default;
+    DeviceMem(const DeviceMem&) = delete;
+    DeviceMem& operator=(const DeviceMem&) = delete;
+    ~DeviceMem() { release(); }
+    void alloc(size_t bytes);   // replaces what it held; the new memory is zeroed
+    void release();
+};
+#ifdef BT_DEVICE
+void DeviceMem::alloc(size_t bytes) {
+    release();
+    cudaCheck(cudaMalloc(&p, bytes ? bytes : 1));
+    cudaCheck(cudaMemset(p, 0, bytes));
+}
+void DeviceMem::release() {
+    if (p) cudaCheck(cudaFree(p));
+    p = nullptr;
+}
+#else
+void DeviceMem::alloc(size_t) { INTERNAL("this bt was built without CUDA (make USE_CUDA=1)"); }
+void DeviceMem::release() {}
+#endif
+
+// copy bytes from the host to the ops' buffer, from an ops' buffer to the host, or between two
+// ops' buffers. On the CPU dst == src for the first two (the host copy IS the buffer): no-op.
+static void to_device(void* dst, const void* src, size_t bytes) {
+    if (dst == src || bytes == 0) return;
+#ifdef BT_DEVICE
+    cudaCheck(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
+#else
+    memcpy(dst, src, bytes);
+#endif
+}
+static void to_host(void* dst, const void* src, size_t bytes) {
+    if (dst == src || bytes == 0) return;
+#ifdef BT_DEVICE
+    cudaCheck(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
+#else
+    memcpy(dst, src, bytes);
+#endif
+}
+static void device_copy(void* dst, const void* src, size_t bytes) {
+#ifdef BT_DEVICE
+    cudaCheck(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToDevice));
+#else
+    memcpy(dst, src, bytes);
+#endif
+}
+// wait for the device's queued work (timings); nothing to wait for on the CPU
+static void device_sync() {
+#ifdef BT_DEVICE
+    if (g_device) cudaCheck(cudaDeviceSynchronize());
+#endif
+}
 
 // =============================================================================================
 // Vocabulary: one token per character, plus PAD and BOS (tests/MODEL_SPEC.md)
@@ -253,8 +346,13 @@ struct Model {
     std::vector<ParamInfo> table;
     long n_params = 0, n_backbone = 0;   // processor tensors come after the backbone's
     std::vector<float> params, grads, m, v;  // (n_params) each: weights, gradients, AdamW moments
-    Weights w, g;                            // named pointers into params and grads
+    Weights w, g;                            // named pointers into params and grads (or their device copies)
     int adam_t = 0;                          // AdamW steps taken
+    // --device cuda (model_upload): the four buffers again, in one device allocation
+    // params | grads | m | v, and w, g point there. The vectors above then only stage init,
+    // --init, loading and saving (model_download brings the trained numbers back).
+    DeviceMem dmem;
+    float *dev_params = nullptr, *dev_grads = nullptr, *dev_m = nullptr, *dev_v = nullptr;  // (n_params) each
     Model() = default;
     Model(const Model& o) { *this = o; }
     Model& operator=(const Model& o);        // a copy owns its buffers: w and g point into the copy's
@@ -275,13 +373,43 @@ static void model_build(Model& M, const Config& c) {
     for (auto& p : M.table)
         if (p.proc) { M.n_backbone = p.offset; break; }
     M.adam_t = 0;
+    M.dmem.release();
+    M.dev_params = M.dev_grads = M.dev_m = M.dev_v = nullptr;
+}
+
+// --device cuda: copy the four buffers to the device and point w and g there
+static void model_upload(Model& M) {
+    long n = M.n_params;
+    M.dmem.alloc(sizeof(float) * 4 * n);
+    float* base = (float*)M.dmem.p;
+    M.dev_params = base; M.dev_grads = base + n; M.dev_m = base + 2 * n; M.dev_v = base + 3 * n;
+    to_device(M.dev_params, M.params.data(), sizeof(float) * n);
+    to_device(M.dev_grads, M.grads.data(), sizeof(float) * n);
+    to_device(M.dev_m, M.m.data(), sizeof(float) * n);
+    to_device(M.dev_v, M.v.data(), sizeof(float) * n);
+    layout_params(M.cfg, &M.w, M.dev_params, nullptr);
+    layout_params(M.cfg, &M.g, M.dev_grads, nullptr);
+}
+// the weights and AdamW moments back into the host vectors (before a save); nothing on the CPU
+static void model_download(Model& M) {
+    if (!M.dev_params) return;
+    to_host(M.params.data(), M.dev_params, sizeof(float) * M.n_params);
+    to_host(M.m.data(), M.dev_m, sizeof(float) * M.n_params);
+    to_host(M.v.data(), M.dev_v, sizeof(float) * M.n_params);
 }
 
 Model& Model::operator=(const Model& o) {
+    if (this == &o) return *this;
     cfg = o.cfg; table = o.table; n_params = o.n_params; n_backbone = o.n_backbone;
     params = o.params; grads = o.grads; m = o.m; v = o.v; adam_t = o.adam_t;
     layout_params(cfg, &w, params.data(), nullptr);
     layout_params(cfg, &g, grads.data(), nullptr);
+    dmem.release();
+    dev_params = dev_grads = dev_m = dev_v = nullptr;
+    if (o.dev_params) {   // a device model: the copy gets device buffers of its own, copied there
+        model_upload(*this);
+        device_copy(dev_params, o.dev_params, sizeof(float) * 4 * n_params);
+    }
     return *this;
 }
 
@@ -358,24 +486,24 @@ static void block_forward(float* out, BlockActs& a, const float* x, const BlockW
     int C = d.C, N = (e - s) * B;
     long r0 = (long)s * B;
     // attention half: ln1 = RMSNorm(x); q,k,v = ln1 Wq^T, Wk^T, Wv^T; RoPE on q and k
-    rmsnorm_forward(a.ln1 + r0 * C, a.rstd1 + r0, x + r0 * C, w.attn_norm, N, C, eps);
-    matmul_forward(a.q + r0 * C, a.ln1 + r0 * C, w.wq, N, C, C);
-    matmul_forward(a.k + r0 * C, a.ln1 + r0 * C, w.wk, N, C, C);
-    matmul_forward(a.v + r0 * C, a.ln1 + r0 * C, w.wv, N, C, C);
-    rope_forward(a.q + r0 * C, a.q + r0 * C, pos + r0, N, d.NH, d.HS, theta);
-    rope_forward(a.k + r0 * C, a.k + r0 * C, pos + r0, N, d.NH, d.HS, theta);
-    attention_forward(a.y + r0 * C, a.att + r0 * d.NH * T, a.q + r0 * C, a.k, a.v, e - s, e, T, s, causal, B, d.NH,
-                      d.HS);
+    OP(rmsnorm_forward(a.ln1 + r0 * C, a.rstd1 + r0, x + r0 * C, w.attn_norm, N, C, eps));
+    OP(matmul_forward(a.q + r0 * C, a.ln1 + r0 * C, w.wq, N, C, C));
+    OP(matmul_forward(a.k + r0 * C, a.ln1 + r0 * C, w.wk, N, C, C));
+    OP(matmul_forward(a.v + r0 * C, a.ln1 + r0 * C, w.wv, N, C, C));
+    OP(rope_forward(a.q + r0 * C, a.q + r0 * C, pos + r0, N, d.NH, d.HS, theta));
+    OP(rope_forward(a.k + r0 * C, a.k + r0 * C, pos + r0, N, d.NH, d.HS, theta));
+    OP(attention_forward(a.y + r0 * C, a.att + r0 * d.NH * T, a.q + r0 * C, a.k, a.v, e - s, e, T, s, causal, B,
+                         d.NH, d.HS));
     // x2 = x + y Wo^T
-    matmul_forward(a.x2 + r0 * C, a.y + r0 * C, w.wo, N, C, C);
-    residual_forward(a.x2 + r0 * C, a.x2 + r0 * C, x + r0 * C, (long)N * C);
+    OP(matmul_forward(a.x2 + r0 * C, a.y + r0 * C, w.wo, N, C, C));
+    OP(residual_forward(a.x2 + r0 * C, a.x2 + r0 * C, x + r0 * C, (long)N * C));
     // MLP half: out = x2 + (silu(ln2 W1^T) * ln2 W3^T) W2^T
-    rmsnorm_forward(a.ln2 + r0 * C, a.rstd2 + r0, a.x2 + r0 * C, w.mlp_norm, N, C, eps);
-    matmul_forward(a.h1 + r0 * d.F, a.ln2 + r0 * C, w.w1, N, C, d.F);
-    matmul_forward(a.h3 + r0 * d.F, a.ln2 + r0 * C, w.w3, N, C, d.F);
-    swiglu_forward(a.g + r0 * d.F, a.h1 + r0 * d.F, a.h3 + r0 * d.F, (long)N * d.F);
-    matmul_forward(out + r0 * C, a.g + r0 * d.F, w.w2, N, d.F, C);
-    residual_forward(out + r0 * C, out + r0 * C, a.x2 + r0 * C, (long)N * C);
+    OP(rmsnorm_forward(a.ln2 + r0 * C, a.rstd2 + r0, a.x2 + r0 * C, w.mlp_norm, N, C, eps));
+    OP(matmul_forward(a.h1 + r0 * d.F, a.ln2 + r0 * C, w.w1, N, C, d.F));
+    OP(matmul_forward(a.h3 + r0 * d.F, a.ln2 + r0 * C, w.w3, N, C, d.F));
+    OP(swiglu_forward(a.g + r0 * d.F, a.h1 + r0 * d.F, a.h3 + r0 * d.F, (long)N * d.F));
+    OP(matmul_forward(out + r0 * C, a.g + r0 * d.F, w.w2, N, d.F, C));
+    OP(residual_forward(out + r0 * C, out + r0 * C, a.x2 + r0 * C, (long)N * C));
 }
 
 // The backward of block_forward over rows [s,e).
@@ -391,39 +519,39 @@ static void block_backward(float* dx, float* dk, float* dv, BlockW* gw, BlockScr
     long r0 = (long)s * B, nC = (long)N * C, nF = (long)N * F;
     auto G = [&](float* BlockW::*f) { return gw ? gw->*f : nullptr; };
     // forward did out = x2 + g W2^T and g = silu(h1) * h3, h = ln2 W^T
-    zero(sc.dg + r0 * F, nF);
-    matmul_backward(sc.dg + r0 * F, G(&BlockW::w2), dx + r0 * C, a.g + r0 * F, w.w2, N, F, C);
-    zero(sc.dh1 + r0 * F, nF);
-    zero(sc.dh3 + r0 * F, nF);
-    swiglu_backward(sc.dh1 + r0 * F, sc.dh3 + r0 * F, sc.dg + r0 * F, a.h1 + r0 * F, a.h3 + r0 * F, nF);
-    zero(sc.dln + r0 * C, nC);
-    matmul_backward(sc.dln + r0 * C, G(&BlockW::w1), sc.dh1 + r0 * F, a.ln2 + r0 * C, w.w1, N, C, F);
-    matmul_backward(sc.dln + r0 * C, G(&BlockW::w3), sc.dh3 + r0 * F, a.ln2 + r0 * C, w.w3, N, C, F);
+    OP(zero(sc.dg + r0 * F, nF));
+    OP(matmul_backward(sc.dg + r0 * F, G(&BlockW::w2), dx + r0 * C, a.g + r0 * F, w.w2, N, F, C));
+    OP(zero(sc.dh1 + r0 * F, nF));
+    OP(zero(sc.dh3 + r0 * F, nF));
+    OP(swiglu_backward(sc.dh1 + r0 * F, sc.dh3 + r0 * F, sc.dg + r0 * F, a.h1 + r0 * F, a.h3 + r0 * F, nF));
+    OP(zero(sc.dln + r0 * C, nC));
+    OP(matmul_backward(sc.dln + r0 * C, G(&BlockW::w1), sc.dh1 + r0 * F, a.ln2 + r0 * C, w.w1, N, C, F));
+    OP(matmul_backward(sc.dln + r0 * C, G(&BlockW::w3), sc.dh3 + r0 * F, a.ln2 + r0 * C, w.w3, N, C, F));
     // forward did ln2 = RMSNorm(x2) and out = x2 + ..., so dx2 = dout + RMSNorm'(dln)
-    memcpy(sc.dx2 + r0 * C, dx + r0 * C, sizeof(float) * nC);
-    rmsnorm_backward(sc.dx2 + r0 * C, G(&BlockW::mlp_norm), sc.dln + r0 * C, a.x2 + r0 * C, w.mlp_norm,
-                     a.rstd2 + r0, N, C);
+    OP(copy_floats(sc.dx2 + r0 * C, dx + r0 * C, nC));
+    OP(rmsnorm_backward(sc.dx2 + r0 * C, G(&BlockW::mlp_norm), sc.dln + r0 * C, a.x2 + r0 * C, w.mlp_norm,
+                        a.rstd2 + r0, N, C));
     // forward did x2 = x + y Wo^T
-    zero(sc.dy + r0 * C, nC);
-    matmul_backward(sc.dy + r0 * C, G(&BlockW::wo), sc.dx2 + r0 * C, a.y + r0 * C, w.wo, N, C, C);
+    OP(zero(sc.dy + r0 * C, nC));
+    OP(matmul_backward(sc.dy + r0 * C, G(&BlockW::wo), sc.dx2 + r0 * C, a.y + r0 * C, w.wo, N, C, C));
     // attention: dq for our queries, dk and dv into the cache for every key they read
-    zero(sc.dq + r0 * C, nC);
-    attention_backward(sc.dq + r0 * C, dk, dv, sc.dy + r0 * C, a.att + r0 * d.NH * T, a.q + r0 * C, a.k, a.v, e - s,
-                       e, T, s, causal, B, d.NH, d.HS);
+    OP(zero(sc.dq + r0 * C, nC));
+    OP(attention_backward(sc.dq + r0 * C, dk, dv, sc.dy + r0 * C, a.att + r0 * d.NH * T, a.q + r0 * C, a.k, a.v,
+                          e - s, e, T, s, causal, B, d.NH, d.HS));
     // forward rotated q and k in place; undo the rotation on their gradients
-    zero(sc.dqr + r0 * C, nC);
-    rope_backward(sc.dqr + r0 * C, sc.dq + r0 * C, pos + r0, N, d.NH, d.HS, theta);
-    zero(sc.dkr + r0 * C, nC);
-    rope_backward(sc.dkr + r0 * C, dk + r0 * C, pos + r0, N, d.NH, d.HS, theta);
+    OP(zero(sc.dqr + r0 * C, nC));
+    OP(rope_backward(sc.dqr + r0 * C, sc.dq + r0 * C, pos + r0, N, d.NH, d.HS, theta));
+    OP(zero(sc.dkr + r0 * C, nC));
+    OP(rope_backward(sc.dkr + r0 * C, dk + r0 * C, pos + r0, N, d.NH, d.HS, theta));
     // forward did q,k,v = ln1 W^T
-    zero(sc.dln + r0 * C, nC);
-    matmul_backward(sc.dln + r0 * C, G(&BlockW::wq), sc.dqr + r0 * C, a.ln1 + r0 * C, w.wq, N, C, C);
-    matmul_backward(sc.dln + r0 * C, G(&BlockW::wk), sc.dkr + r0 * C, a.ln1 + r0 * C, w.wk, N, C, C);
-    matmul_backward(sc.dln + r0 * C, G(&BlockW::wv), dv + r0 * C, a.ln1 + r0 * C, w.wv, N, C, C);
+    OP(zero(sc.dln + r0 * C, nC));
+    OP(matmul_backward(sc.dln + r0 * C, G(&BlockW::wq), sc.dqr + r0 * C, a.ln1 + r0 * C, w.wq, N, C, C));
+    OP(matmul_backward(sc.dln + r0 * C, G(&BlockW::wk), sc.dkr + r0 * C, a.ln1 + r0 * C, w.wk, N, C, C));
+    OP(matmul_backward(sc.dln + r0 * C, G(&BlockW::wv), dv + r0 * C, a.ln1 + r0 * C, w.wv, N, C, C));
     // forward did ln1 = RMSNorm(x) and x2 = x + ..., so dx = dx2 + RMSNorm'(dln)
-    memcpy(dx + r0 * C, sc.dx2 + r0 * C, sizeof(float) * nC);
-    rmsnorm_backward(dx + r0 * C, G(&BlockW::attn_norm), sc.dln + r0 * C, x + r0 * C, w.attn_norm, a.rstd1 + r0, N,
-                     C);
+    OP(copy_floats(dx + r0 * C, sc.dx2 + r0 * C, nC));
+    OP(rmsnorm_backward(dx + r0 * C, G(&BlockW::attn_norm), sc.dln + r0 * C, x + r0 * C, w.attn_norm, a.rstd1 + r0,
+                        N, C));
 }
 
 // =============================================================================================
@@ -454,11 +582,18 @@ struct ProcActs {             // one firing of one layer's processor, capacity (
 struct RunState {
     int B = 0, T = 0;                  // capacity
     bool train = false;
+    bool dev = false;                  // built for --device cuda: every buffer below is device memory
     std::vector<float> mem;
     std::vector<int> imem;
+    DeviceMem dmem, dimem;             // --device cuda: mem and imem's buffers (and the undo log's entries)
     int *tokens, *targets;             // (T,B) input token, and the token it should predict
     int* pos;                          // (T*B) position t of row t*B+b (RoPE)
     float* weight;                     // (T,B) loss weight of each prediction: 1/count or 0
+    // What the host writes or reads. On the CPU these are the buffers themselves (h_tokens ==
+    // tokens, ...); under --device cuda host copies, moved explicitly by to_device / to_host.
+    int *h_tokens, *h_targets, *h_pos;       // (T,B), (T,B), (T*B)   in imem
+    float *h_weight, *h_losses, *h_logits;   // (T,B), (T,B), (T,B,V) in hmem (device) or mem (CPU)
+    std::vector<float> hmem;
     std::vector<float*> xs;            // L+1 of (T,B,C): residual stream into each layer, out of the last
     std::vector<BlockActs> acts;       // L
     float *lnf, *rstdf;                // (T,B,C), (T,B)
@@ -471,8 +606,11 @@ struct RunState {
     // Cache Processor
     ProcActs pa;
     std::vector<UndoRecord> undo;      // one record per (boundary, layer), in firing order
-    std::vector<int> undo_sel;
+    std::vector<int> undo_sel;         // the records' entries (CPU; reserved, so appending allocates nothing)
     std::vector<float> undo_u;
+    int* dev_undo_sel = nullptr;       // --device cuda: the entries in device memory, of the capacity
+    float* dev_undo_u = nullptr;       //   the vectors reserve on the CPU; filled up to undo_*_n
+    long undo_sel_n = 0, undo_u_n = 0, undo_sel_cap = 0, undo_u_cap = 0;
     std::vector<int> bounds;           // segment starts of the current batch, then T (segment_bounds)
     int n_tok = 0;                     // positions filled so far (decoding)
 };
@@ -515,27 +653,54 @@ static void carve_run_state(Carver& cv, RunState& S, const Config& c, int T, int
 
 static void run_state_build(RunState& S, const Config& c, int T, int B, bool train) {
     if (T > c.T) BAD_INPUT("a sequence of %d tokens is longer than the model's context (max_seq_len %d)", T, c.T);
-    S.B = B; S.T = T; S.train = train;
+    S.B = B; S.T = T; S.train = train; S.dev = g_device;
     Carver count{nullptr};
     carve_run_state(count, S, c, T, B, train);
-    S.mem.assign(count.off, 0.0f);
-    Carver cv{S.mem.data()};
-    carve_run_state(cv, S, c, T, B, train);
     int Sn = T + c.k;
-    S.imem.assign((size_t)T * B * 3 + (size_t)Sn * B, 0);
-    S.tokens = S.imem.data();
-    S.targets = S.tokens + (long)T * B;
-    S.pos = S.targets + (long)T * B;
-    S.pa.sel = S.pos + (long)T * B;
-    for (long r = 0; r < (long)T * B; r++) S.pos[r] = (int)(r / B);
-    S.bounds.reserve(T + 1);   // so that a training step allocates nothing
+    long TB = (long)T * B, n_int = TB * 3 + (long)Sn * B;
     // the undo log: enough for the whole cache rewritten at every boundary of a periodic schedule
     // (sum over boundaries of e), or for newline (every position once plus k recalled per boundary)
+    long rows = c.dp == 0 ? 0 : c.periodic > 0 ? (long)T * (T / c.periodic + 1) : (long)T * (1 + c.k);
+    long cap_sel = rows * B * c.L, cap_u = rows * B * 2 * c.C * c.L;
+    S.imem.assign(n_int, 0);
+    float* fbase = nullptr;
+    int* ibase = nullptr;
+    if (S.dev) {   // device memory, zeroed like the vectors; the undo log's entries after the rest
+        S.dmem.alloc(sizeof(float) * (count.off + cap_u));
+        S.dimem.alloc(sizeof(int) * (n_int + cap_sel));
+        fbase = (float*)S.dmem.p;
+        ibase = (int*)S.dimem.p;
+        S.dev_undo_u = fbase + count.off; S.undo_u_cap = cap_u;
+        S.dev_undo_sel = ibase + n_int; S.undo_sel_cap = cap_sel;
+        S.hmem.assign(TB * (2 + c.V), 0.0f);
+    } else {
+        S.dmem.release(); S.dimem.release();
+        S.dev_undo_u = nullptr; S.dev_undo_sel = nullptr; S.undo_u_cap = S.undo_sel_cap = 0;
+        S.mem.assign(count.off, 0.0f);
+        fbase = S.mem.data();
+        ibase = S.imem.data();
+    }
+    Carver cv{fbase};
+    carve_run_state(cv, S, c, T, B, train);
+    S.tokens = ibase;
+    S.targets = S.tokens + TB;
+    S.pos = S.targets + TB;
+    S.pa.sel = S.pos + TB;
+    S.h_tokens = S.imem.data();
+    S.h_targets = S.h_tokens + TB;
+    S.h_pos = S.h_targets + TB;
+    S.h_weight = S.dev ? S.hmem.data() : S.weight;
+    S.h_losses = S.dev ? S.hmem.data() + TB : S.losses;
+    S.h_logits = S.dev ? S.hmem.data() + 2 * TB : S.logits;
+    for (long r = 0; r < TB; r++) S.h_pos[r] = (int)(r / B);
+    to_device(S.pos, S.h_pos, sizeof(int) * TB);
+    S.bounds.reserve(T + 1);   // so that a training step allocates nothing
     if (c.dp > 0) {
-        long rows = c.periodic > 0 ? (long)T * (T / c.periodic + 1) : (long)T * (1 + c.k);
         S.undo.reserve(T * c.L);
-        S.undo_sel.reserve(rows * B * c.L);
-        S.undo_u.reserve(rows * B * 2 * c.C * c.L);
+        if (!S.dev) {
+            S.undo_sel.reserve(cap_sel);
+            S.undo_u.reserve(cap_u);
+        }
     }
 }
 
@@ -548,15 +713,15 @@ static void backbone_forward(const Model& M, RunState& S, int s, int e) {
     int B = S.B, N = (e - s) * B;
     long r0 = (long)s * B;
     BlockDims d{c.C, c.NH, c.C / c.NH, c.F};
-    embedding_forward(S.xs[0] + r0 * c.C, S.tokens + r0, M.w.tok_emb, N, c.C);
+    OP(embedding_forward(S.xs[0] + r0 * c.C, S.tokens + r0, M.w.tok_emb, N, c.C));
     for (int l = 0; l < c.L; l++)
         block_forward(S.xs[l + 1], S.acts[l], S.xs[l], M.w.layers[l], d, S.pos, s, e, B, S.T, 1, c.theta, c.eps);
-    rmsnorm_forward(S.lnf + r0 * c.C, S.rstdf + r0, S.xs[c.L] + r0 * c.C, M.w.final_norm, N, c.C, c.eps);
+    OP(rmsnorm_forward(S.lnf + r0 * c.C, S.rstdf + r0, S.xs[c.L] + r0 * c.C, M.w.final_norm, N, c.C, c.eps));
     // LM head tied to the embedding: logits = lnf tok_emb^T
-    matmul_forward(S.logits + r0 * c.V, S.lnf + r0 * c.C, M.w.tok_emb, N, c.C, c.V);
+    OP(matmul_forward(S.logits + r0 * c.V, S.lnf + r0 * c.C, M.w.tok_emb, N, c.C, c.V));
     if (S.train)
-        crossentropy_forward(S.losses + r0, S.probs + r0 * c.V, S.logits + r0 * c.V, S.targets + r0, S.weight + r0, N,
-                             c.V);
+        OP(crossentropy_forward(S.losses + r0, S.probs + r0 * c.V, S.logits + r0 * c.V, S.targets + r0, S.weight + r0,
+                                N, c.V));
 }
 
 // The backward of backbone_forward for segment [s,e). Cache gradients dK, dV from later segments
@@ -567,17 +732,17 @@ static void backbone_backward(Model& M, RunState& S, int s, int e, bool train_we
     long r0 = (long)s * B;
     BlockDims d{c.C, c.NH, c.C / c.NH, c.F};
     float* gemb = train_weights ? M.g.tok_emb : nullptr;
-    zero(S.dlogits + r0 * c.V, (long)N * c.V);
-    crossentropy_backward(S.dlogits + r0 * c.V, S.probs + r0 * c.V, S.targets + r0, S.weight + r0, 1.0f, N, c.V);
-    zero(S.dlnf + r0 * c.C, (long)N * c.C);
-    matmul_backward(S.dlnf + r0 * c.C, gemb, S.dlogits + r0 * c.V, S.lnf + r0 * c.C, M.w.tok_emb, N, c.C, c.V);
-    zero(S.dx + r0 * c.C, (long)N * c.C);
-    rmsnorm_backward(S.dx + r0 * c.C, train_weights ? M.g.final_norm : nullptr, S.dlnf + r0 * c.C,
-                     S.xs[c.L] + r0 * c.C, M.w.final_norm, S.rstdf + r0, N, c.C);
+    OP(zero(S.dlogits + r0 * c.V, (long)N * c.V));
+    OP(crossentropy_backward(S.dlogits + r0 * c.V, S.probs + r0 * c.V, S.targets + r0, S.weight + r0, 1.0f, N, c.V));
+    OP(zero(S.dlnf + r0 * c.C, (long)N * c.C));
+    OP(matmul_backward(S.dlnf + r0 * c.C, gemb, S.dlogits + r0 * c.V, S.lnf + r0 * c.C, M.w.tok_emb, N, c.C, c.V));
+    OP(zero(S.dx + r0 * c.C, (long)N * c.C));
+    OP(rmsnorm_backward(S.dx + r0 * c.C, train_weights ? M.g.final_norm : nullptr, S.dlnf + r0 * c.C,
+                        S.xs[c.L] + r0 * c.C, M.w.final_norm, S.rstdf + r0, N, c.C));
     for (int l = c.L - 1; l >= 0; l--)
         block_backward(S.dx, S.dK[l], S.dV[l], train_weights ? &M.g.layers[l] : nullptr, S.sc, S.acts[l], S.xs[l],
                        M.w.layers[l], d, S.pos, s, e, B, S.T, 1, c.theta);
-    if (gemb) embedding_backward(gemb, S.dx + r0 * c.C, S.tokens + r0, N, c.C);
+    if (gemb) OP(embedding_backward(gemb, S.dx + r0 * c.C, S.tokens + r0, N, c.C));
 }
 
 // =============================================================================================
@@ -659,28 +824,28 @@ static void gather_backward(float* dK, float* dV, const float* du, const int* se
 static void transform_forward(ProcActs& p, const ProcW& w, const Config& c, int nS, int B) {
     int N = nS * B;
     BlockDims d{c.dp, c.nhp, c.dp / c.nhp, c.fp};
-    matmul_forward(p.xs[0], p.u, w.w_in, N, 2 * c.C, c.dp);
+    OP(matmul_forward(p.xs[0], p.u, w.w_in, N, 2 * c.C, c.dp));
     for (int i = 0; i < c.np; i++)
         block_forward(p.xs[i + 1], p.blocks[i], p.xs[i], w.blocks[i], d, p.sel, 0, nS, B, nS, 0, c.theta, c.eps);
-    rmsnorm_forward(p.lnf, p.rstdf, p.xs[c.np], w.final_norm, N, c.dp, c.eps);
-    matmul_forward(p.delta, p.lnf, w.w_out, N, c.dp, 2 * c.C);
+    OP(rmsnorm_forward(p.lnf, p.rstdf, p.xs[c.np], w.final_norm, N, c.dp, c.eps));
+    OP(matmul_forward(p.delta, p.lnf, w.w_out, N, c.dp, 2 * c.C));
 }
 // the backward of transform_forward: ddelta -> du (accumulated) and the weight grads gw
 static void transform_backward(float* du, ProcW& gw, RunState& S, const ProcW& w, const Config& c, int nS, int B) {
     ProcActs& p = S.pa;
     int N = nS * B;
     BlockDims d{c.dp, c.nhp, c.dp / c.nhp, c.fp};
-    zero(p.dlnf, (long)N * c.dp);
-    matmul_backward(p.dlnf, gw.w_out, p.ddelta, p.lnf, w.w_out, N, c.dp, 2 * c.C);
-    zero(p.dx, (long)N * c.dp);
-    rmsnorm_backward(p.dx, gw.final_norm, p.dlnf, p.xs[c.np], w.final_norm, p.rstdf, N, c.dp);
+    OP(zero(p.dlnf, (long)N * c.dp));
+    OP(matmul_backward(p.dlnf, gw.w_out, p.ddelta, p.lnf, w.w_out, N, c.dp, 2 * c.C));
+    OP(zero(p.dx, (long)N * c.dp));
+    OP(rmsnorm_backward(p.dx, gw.final_norm, p.dlnf, p.xs[c.np], w.final_norm, p.rstdf, N, c.dp));
     for (int i = c.np - 1; i >= 0; i--) {
-        zero(p.dk, (long)N * c.dp);  // the blocks' own keys and values: nothing outside reads them
-        zero(p.dv, (long)N * c.dp);
+        OP(zero(p.dk, (long)N * c.dp));  // the blocks' own keys and values: nothing outside reads them
+        OP(zero(p.dv, (long)N * c.dp));
         block_backward(p.dx, p.dk, p.dv, &gw.blocks[i], S.sc, p.blocks[i], p.xs[i], w.blocks[i], d, p.sel, 0, nS, B,
                        nS, 0, c.theta);
     }
-    matmul_backward(du, gw.w_in, p.dx, p.u, w.w_in, N, 2 * c.C, c.dp);
+    OP(matmul_backward(du, gw.w_in, p.dx, p.u, w.w_in, N, 2 * c.C, c.dp));
 }
 
 // 4. write back, in place: K[sel] += sigmoid(g) delta[:C], V[sel] += sigmoid(g) delta[C:]
@@ -717,16 +882,51 @@ static void write_back_backward(float* ddelta, float* dgate, const float* dK, co
     if (dgate) dgate[0] += (float)(acc * sg * (1.0 - sg));
 }
 
+// ---- the undo log: a record per firing and layer, its entries (sel and the pre-rewrite [K|V])
+// appended to S.undo_sel, S.undo_u on the CPU, or to device buffers of the same capacity under
+// --device cuda (the records themselves stay on the host).
+static void undo_clear(RunState& S) {
+    S.undo.clear(); S.undo_sel.clear(); S.undo_u.clear();
+    S.undo_sel_n = S.undo_u_n = 0;
+}
+static const int* undo_sel_of(const RunState& S, const UndoRecord& rec) {    // (nS,B)
+    return (S.dev ? S.dev_undo_sel : S.undo_sel.data()) + rec.sel_off;
+}
+static const float* undo_u_of(const RunState& S, const UndoRecord& rec) {    // (nS,B,2C)
+    return (S.dev ? S.dev_undo_u : S.undo_u.data()) + rec.u_off;
+}
+// log layer l's firing after segment [s,e) before it overwrites: sel (nS,B), u (nS,B,2C)
+static void undo_push(RunState& S, int l, int s, int e, int nS, const int* sel, const float* u, int C) {
+    long n_sel = (long)nS * S.B, n_u = n_sel * 2 * C;
+    if (!S.dev) {
+        S.undo.push_back({l, s, e, nS, (long)S.undo_sel.size(), (long)S.undo_u.size()});
+        S.undo_sel.insert(S.undo_sel.end(), sel, sel + n_sel);
+        S.undo_u.insert(S.undo_u.end(), u, u + n_u);
+        return;
+    }
+    if (S.undo_sel_n + n_sel > S.undo_sel_cap || S.undo_u_n + n_u > S.undo_u_cap)
+        INTERNAL("the undo log on the device is full (%ld + %ld of %ld numbers)", S.undo_u_n, n_u, S.undo_u_cap);
+    S.undo.push_back({l, s, e, nS, S.undo_sel_n, S.undo_u_n});
+    OP(copy_ints(S.dev_undo_sel + S.undo_sel_n, sel, n_sel));
+    OP(copy_floats(S.dev_undo_u + S.undo_u_n, u, n_u));
+    S.undo_sel_n += n_sel;
+    S.undo_u_n += n_u;
+}
+
+// the inverse of gather, a copy: K[sel[n,b], b, :] = u[n,b,:C], V[sel[n,b], b, :] = u[n,b,C:]
+// K,V (T,B,C), u (nS,B,2C), sel (nS,B)
+static void scatter_rows(float* K, float* V, const float* u, const int* sel, int nS, int B, int C) {
+    for (long r = 0; r < (long)nS * B; r++) {
+        long dst = ((long)sel[r] * B + r % B) * C;
+        memcpy(K + dst, u + r * 2 * C, sizeof(float) * C);
+        memcpy(V + dst, u + r * 2 * C + C, sizeof(float) * C);
+    }
+}
+
 // Put the pre-rewrite values of one record back into the cache (bitwise exact).
 static void undo_restore(RunState& S, const UndoRecord& rec, int C) {
-    const int* sel = S.undo_sel.data() + rec.sel_off;
-    const float* u = S.undo_u.data() + rec.u_off;
     BlockActs& a = S.acts[rec.layer];
-    for (long r = 0; r < (long)rec.nS * S.B; r++) {
-        long dst = ((long)sel[r] * S.B + r % S.B) * C;
-        memcpy(a.k + dst, u + r * 2 * C, sizeof(float) * C);
-        memcpy(a.v + dst, u + r * 2 * C + C, sizeof(float) * C);
-    }
+    OP(scatter_rows(a.k, a.v, undo_u_of(S, rec), undo_sel_of(S, rec), rec.nS, S.B, C));
 }
 
 // THE BOTTLENECK STEP: fire the processor of every layer at the boundary after segment [s,e).
@@ -736,14 +936,11 @@ static void bottleneck_step(const Model& M, RunState& S, int s, int e) {
     int B = S.B;
     for (int l = 0; l < c.L; l++) {
         BlockActs& a = S.acts[l];
-        int nS = select_forward(p.sel, p.scores, a.att, s, e, B, c.NH, S.T, c.k, c.periodic);  // 1. select
-        gather_forward(p.u, a.k, a.v, p.sel, nS, B, c.C);                                       // 2. gather
-        UndoRecord rec{l, s, e, nS, (long)S.undo_sel.size(), (long)S.undo_u.size()};
-        S.undo_sel.insert(S.undo_sel.end(), p.sel, p.sel + (long)nS * B);
-        S.undo_u.insert(S.undo_u.end(), p.u, p.u + (long)nS * B * 2 * c.C);
-        S.undo.push_back(rec);
-        transform_forward(p, M.w.proc[l], c, nS, B);                                            // 3. transform
-        write_back_forward(a.k, a.v, p.delta, M.w.proc[l].gate, p.sel, nS, B, c.C);             // 4. write back
+        int nS = OP(select_forward(p.sel, p.scores, a.att, s, e, B, c.NH, S.T, c.k, c.periodic));  // 1. select
+        OP(gather_forward(p.u, a.k, a.v, p.sel, nS, B, c.C));                                       // 2. gather
+        undo_push(S, l, s, e, nS, p.sel, p.u, c.C);
+        transform_forward(p, M.w.proc[l], c, nS, B);                                                // 3. transform
+        OP(write_back_forward(a.k, a.v, p.delta, M.w.proc[l].gate, p.sel, nS, B, c.C));             // 4. write back
     }
 }
 
@@ -755,13 +952,14 @@ static void bottleneck_step_backward_layer(Model& M, RunState& S, const UndoReco
     int B = S.B, l = rec.layer, nS = rec.nS;
     undo_restore(S, rec, c.C);
     // recompute this firing's activations from the logged inputs (cheaper than storing them all)
-    memcpy(p.sel, S.undo_sel.data() + rec.sel_off, sizeof(int) * nS * B);
-    memcpy(p.u, S.undo_u.data() + rec.u_off, sizeof(float) * nS * B * 2 * c.C);
+    OP(copy_ints(p.sel, undo_sel_of(S, rec), (long)nS * B));
+    OP(copy_floats(p.u, undo_u_of(S, rec), (long)nS * B * 2 * c.C));
     transform_forward(p, M.w.proc[l], c, nS, B);
-    write_back_backward(p.ddelta, M.g.proc[l].gate, S.dK[l], S.dV[l], p.delta, M.w.proc[l].gate, p.sel, nS, B, c.C);
-    zero(p.du, (long)nS * B * 2 * c.C);
+    OP(write_back_backward(p.ddelta, M.g.proc[l].gate, S.dK[l], S.dV[l], p.delta, M.w.proc[l].gate, p.sel, nS, B,
+                           c.C));
+    OP(zero(p.du, (long)nS * B * 2 * c.C));
     transform_backward(p.du, M.g.proc[l], S, M.w.proc[l], c, nS, B);
-    gather_backward(S.dK[l], S.dV[l], p.du, p.sel, nS, B, c.C);
+    OP(gather_backward(S.dK[l], S.dV[l], p.du, p.sel, nS, B, c.C));
 }
 
 // =============================================================================================
@@ -795,7 +993,7 @@ static const std::vector<int>& segment_bounds(const Config& c, RunState& S, int 
     b.clear();
     b.push_back(0);
     for (int t = 1; t < T; t++)
-        if (is_boundary(c, t, S.tokens[(long)t * S.B])) b.push_back(t);
+        if (is_boundary(c, t, S.h_tokens[(long)t * S.B])) b.push_back(t);
     b.push_back(T);
     return b;
 }
@@ -807,24 +1005,41 @@ static int set_targets(RunState& S, int T) {
     for (int b = 0; b < B; b++) {
         int q = -1;
         for (int t = 0; t < T; t++) {
-            int nt = t + 1 < T ? S.tokens[(long)(t + 1) * B + b] : PAD;
-            if (q < 0 && S.tokens[(long)t * B + b] == NEWLINE) q = t;
+            int nt = t + 1 < T ? S.h_tokens[(long)(t + 1) * B + b] : PAD;
+            if (q < 0 && S.h_tokens[(long)t * B + b] == NEWLINE) q = t;
             bool ok = q >= 0 && t + 1 > q && nt != PAD && nt != PAUSE;
-            S.targets[(long)t * B + b] = nt;
-            S.weight[(long)t * B + b] = ok ? 1.0f : 0.0f;
+            S.h_targets[(long)t * B + b] = nt;
+            S.h_weight[(long)t * B + b] = ok ? 1.0f : 0.0f;
             count += ok;
         }
     }
-    for (long r = 0; r < (long)T * B; r++) S.weight[r] = count ? S.weight[r] / count : 0.0f;
+    for (long r = 0; r < (long)T * B; r++) S.h_weight[r] = count ? S.h_weight[r] / count : 0.0f;
     return count;
+}
+
+// the batch's tokens, targets and loss weights to where the ops read them (nothing on the CPU)
+static void upload_batch(RunState& S, int T) {
+    long n = (long)T * S.B;
+    to_device(S.tokens, S.h_tokens, sizeof(int) * n);
+    to_device(S.targets, S.h_targets, sizeof(int) * n);
+    to_device(S.weight, S.h_weight, sizeof(float) * n);
+}
+
+// a model and a run state must live where the ops run (a test that forgets gets an error, not a crash)
+static void check_placement(const Model& M, const RunState& S) {
+    if ((M.dev_params != nullptr) != g_device || S.dev != g_device)
+        INTERNAL("the model (%s) or the run state (%s) is not where the ops run (%s)", M.dev_params ? "cuda" : "cpu",
+                 S.dev ? "cuda" : "cpu", g_device ? "cuda" : "cpu");
 }
 
 // Forward over the whole batch (tokens already in S.tokens, T positions). Returns the mean loss.
 // after_boundary(j), if given, runs right after the rewrite that follows segment j (tests).
 static float forward_sequence(const Model& M, RunState& S, int T, const TrainMode& mode,
                               void (*after_boundary)(const RunState&, int, void*) = nullptr, void* ctx = nullptr) {
+    check_placement(M, S);
     set_targets(S, T);
-    S.undo.clear(); S.undo_sel.clear(); S.undo_u.clear();
+    upload_batch(S, T);
+    undo_clear(S);
     if (!mode.use_proc && !mode.segmented) {   // no processor: the segment loop is one full causal pass
         backbone_forward(M, S, 0, T);
     } else {
@@ -838,7 +1053,8 @@ static float forward_sequence(const Model& M, RunState& S, int T, const TrainMod
         }
     }
     double loss = 0.0;
-    for (long r = 0; r < (long)T * S.B; r++) loss += (double)S.losses[r] * S.weight[r];
+    to_host(S.h_losses, S.losses, sizeof(float) * T * S.B);
+    for (long r = 0; r < (long)T * S.B; r++) loss += (double)S.h_losses[r] * S.h_weight[r];
     S.n_tok = T;
     return (float)loss;
 }
@@ -846,7 +1062,8 @@ static float forward_sequence(const Model& M, RunState& S, int T, const TrainMod
 // Backward through time; gradients accumulate into M.grads (the caller zeroes them).
 static void backward_sequence(Model& M, RunState& S, int T, const TrainMode& mode) {
     const Config& c = M.cfg;
-    for (int l = 0; l < c.L; l++) { zero(S.dK[l], (long)T * S.B * c.C); zero(S.dV[l], (long)T * S.B * c.C); }
+    long n = (long)T * S.B * c.C;   // the cache gradients' rows in use
+    for (int l = 0; l < c.L; l++) { OP(zero(S.dK[l], n)); OP(zero(S.dV[l], n)); }
     if (!mode.use_proc && !mode.segmented) { backbone_backward(M, S, 0, T, mode.train_backbone); return; }
     const std::vector<int>& b = segment_bounds(c, S, T);
     int nseg = (int)b.size() - 1;
@@ -855,7 +1072,7 @@ static void backward_sequence(Model& M, RunState& S, int T, const TrainMode& mod
         if (mode.use_proc && j < nseg - 1) {   // undo the rewrite that followed segment j
             for (int l = c.L - 1; l >= 0; l--) bottleneck_step_backward_layer(M, S, S.undo[--r]);
             if (mode.bptt_step)
-                for (int l = 0; l < c.L; l++) { zero(S.dK[l], (long)T * S.B * c.C); zero(S.dV[l], (long)T * S.B * c.C); }
+                for (int l = 0; l < c.L; l++) { OP(zero(S.dK[l], n)); OP(zero(S.dV[l], n)); }
         }
         // a frozen backbone's first segment only feeds earlier rewrites: there are none
         if (mode.use_proc && !mode.train_backbone && j == 0) break;
@@ -890,27 +1107,43 @@ static bool trainable_span(const Model& M, const ParamInfo& p, const TrainMode& 
     return p.proc || mode.train_backbone;
 }
 
+// acc + sum_i x[i]^2 in double, one running sum in index order (the gradient norm). x (n)
+static double sum_squares(double acc, const float* x, long n) {
+    for (long i = 0; i < n; i++) acc += (double)x[i] * x[i];
+    return acc;
+}
+// x[i] *= a  (gradient clipping). x (n)
+static void scale_inplace(float* x, float a, long n) {
+    for (long i = 0; i < n; i++) x[i] *= a;
+}
+
+// a flat buffer where the ops read it: the host vector, or its device copy under --device cuda
+static float* live(std::vector<float>& host, float* dev) { return dev ? dev : host.data(); }
+
 // Returns the gradient norm before clipping.
 static float optimizer_step(Model& M, const OptConfig& o, int t, const TrainMode& mode) {
+    float *P = live(M.params, M.dev_params), *G = live(M.grads, M.dev_grads);
+    float *Mo = live(M.m, M.dev_m), *Vo = live(M.v, M.dev_v);
     double ss = 0.0;
     long off, n;
     for (auto& p : M.table)
-        if (trainable_span(M, p, mode, &off, &n))
-            for (long i = off; i < off + n; i++) ss += (double)M.grads[i] * M.grads[i];
+        if (trainable_span(M, p, mode, &off, &n)) ss = OP(sum_squares(ss, G + off, n));
     float norm = (float)sqrt(ss);
     float coef = o.clip / (norm + 1e-6f);
     if (coef < 1.0f)
         for (auto& p : M.table)
-            if (trainable_span(M, p, mode, &off, &n))
-                for (long i = off; i < off + n; i++) M.grads[i] *= coef;
+            if (trainable_span(M, p, mode, &off, &n)) OP(scale_inplace(G + off, coef, n));
     M.adam_t++;
     float lr = lr_at(o, t);
     for (auto& p : M.table)
         if (trainable_span(M, p, mode, &off, &n))
-            adamw_update(&M.params[off], &M.m[off], &M.v[off], &M.grads[off], n, lr, o.b1, o.b2, o.eps,
-                         p.decay ? o.wd : 0.0f, M.adam_t);
+            OP(adamw_update(P + off, Mo + off, Vo + off, G + off, n, lr, o.b1, o.b2, o.eps, p.decay ? o.wd : 0.0f,
+                            M.adam_t));
     return norm;
 }
+
+// every gradient to 0, before a step's backward
+static void zero_grads(Model& M) { OP(zero(live(M.grads, M.dev_grads), M.n_params)); }
 
 // =============================================================================================
 // Tasks: synthetic arithmetic, one reasoning step per line (DESIGN §6). An example's text is
@@ -1109,8 +1342,8 @@ static int load_batch(RunState& S, const std::vector<std::string>& texts) {
     for (int b = 0; b < B; b++)
         for (int t = 0; t < T; t++) {
             int tk = t < (int)toks[b].size() ? toks[b][t] : PAD;
-            S.tokens[(long)t * B + b] = tk;
-            if (b > 0 && (tk == NEWLINE) != (S.tokens[(long)t * B] == NEWLINE))
+            S.h_tokens[(long)t * B + b] = tk;
+            if (b > 0 && (tk == NEWLINE) != (S.h_tokens[(long)t * B] == NEWLINE))
                 INTERNAL("batch examples 0 and %d have their newlines at different positions (%d)", b, t);
         }
     return T;
@@ -1185,19 +1418,22 @@ static void decoder_init(Decoder& D, const Model& M, int evict = 0) {
     run_state_build(D.S, M.cfg, M.cfg.T, 1, false);
     D.use_proc = M.cfg.dp > 0;
     if (evict > 0 && D.use_proc) BAD_INPUT("eviction is a baseline for a vanilla model; this one has a processor");
+    if (evict > 0 && g_device) BAD_INPUT("--evict runs on the CPU only: drop --device cuda");
     D.evict = evict;
     D.score.assign(M.cfg.T, 0.0f);
     D.keep.assign(M.cfg.T, 0);
 }
 static void decoder_reset(Decoder& D) {
     D.S.n_tok = 0; D.seg_start = 0; D.next_pos = 0;
-    D.S.undo.clear(); D.S.undo_sel.clear(); D.S.undo_u.clear();
+    undo_clear(D.S);
     std::fill(D.score.begin(), D.score.end(), 0.0f);
 }
 
 // the backbone on slots [s,e); with eviction on, add the attention they paid to every slot
 static void decoder_forward(Decoder& D, int s, int e) {
     const Config& c = D.M->cfg;
+    to_device(D.S.tokens + s, D.S.h_tokens + s, sizeof(int) * (e - s));   // B = 1: slot t is row t
+    to_device(D.S.pos + s, D.S.h_pos + s, sizeof(int) * (e - s));
     backbone_forward(*D.M, D.S, s, e);
     if (!D.evict) return;
     for (int l = 0; l < c.L; l++)
@@ -1258,8 +1494,8 @@ static void decoder_feed(Decoder& D, const int* toks, int n) {
             }
             D.seg_start = t;
         }
-        S.tokens[t] = toks[i];
-        S.pos[t] = D.next_pos++;
+        S.h_tokens[t] = toks[i];
+        S.h_pos[t] = D.next_pos++;
         S.n_tok++;
     }
     if (S.n_tok > chunk) decoder_forward(D, chunk, S.n_tok);
@@ -1267,7 +1503,9 @@ static void decoder_feed(Decoder& D, const int* toks, int n) {
 
 // greedy choice at the last position; PAD, BOS and PAUSE are never emitted
 static int decoder_argmax(const Decoder& D) {
-    const float* z = D.S.logits + (long)(D.S.n_tok - 1) * D.M->cfg.V;
+    long row = (long)(D.S.n_tok - 1) * D.M->cfg.V;
+    to_host(D.S.h_logits + row, D.S.logits + row, sizeof(float) * D.M->cfg.V);
+    const float* z = D.S.h_logits + row;
     int best = NEWLINE;
     for (int i = NEWLINE; i < D.M->cfg.V; i++)
         if (z[i] > z[best]) best = i;
@@ -1364,13 +1602,13 @@ static void eval_one(EvalResult& R, const std::string& want, const std::string& 
 }
 
 // Evaluate on examples (text with the full reference); runs examples in parallel, one decoder
-// per thread.
+// per thread (on the device one decoder: kernels.cu is launched from one host thread at a time).
 static EvalResult evaluate(const Model& M, const std::vector<std::string>& texts, int evict = 0) {
     int n = (int)texts.size();
     std::vector<std::string> outs(n);
     std::string error;   // an exception may not leave an OpenMP region: keep the first, rethrow after
     int error_code = 0;
-    #pragma omp parallel
+    #pragma omp parallel if (!g_device)
     {
         try {
             Decoder D;
@@ -1772,22 +2010,25 @@ static const FlagSpec FLAGS[] = {
     {"quick", "", "a short run (a smoke test, not for the figures)"},
     {"backbone", "", "probe: the processor-free model to compare with (default: --ckpt with its processor off)"},
     {"torch", "", "PyTorch's rows, JSON lines from tests/bench_torch.py (FILE[,FILE...]; make bench writes them)"},
+    {"device", "cpu", "cpu | cuda: where the ops run (cuda: kernels.cu on the GPU, from make USE_CUDA=1)"},
 };
 static const char* BOOL_FLAGS[] = {"joint", "trace", "quick"};
 
 struct Command { const char* name; const char* flags; const char* help; };
 static const Command COMMANDS[] = {
     {"train", "task data out init model steps batch lr warmup wd clip seed d-model layers heads ffn max-seq-len "
-              "proc-width proc-layers proc-heads proc-ffn k schedule bptt joint pause log-every save-every resume",
+              "proc-width proc-layers proc-heads proc-ffn k schedule bptt joint pause log-every save-every resume "
+              "device",
      "train a model (vanilla backbone, or a Cache Processor on top with --model bt)"},
-    {"eval", "ckpt task data sizes n seed evict", "greedy decoding accuracy per problem size"},
-    {"generate", "ckpt prompt trace", "greedy continuation of a prompt"},
-    {"score", "ckpt text-file", "log-probability of every target token of the examples in a file"},
+    {"eval", "ckpt task data sizes n seed evict device", "greedy decoding accuracy per problem size"},
+    {"generate", "ckpt prompt trace device", "greedy continuation of a prompt"},
+    {"score", "ckpt text-file device", "log-probability of every target token of the examples in a file"},
     {"experiment", "task regime seeds stage1 stage2 steps n d-model layers heads batch arms results",
      "every arm of DESIGN §7 on a task, several seeds: results/<task>/results.md and plots (resumable)"},
     {"probe", "ckpt backbone task sizes n seed results",
      "linear probes on cache entries before and after each rewrite, and update statistics (what a rewrite keeps)"},
-    {"bench", "quick torch", "tokens/s for training and decoding, matmul GFLOP/s, memory (beside PyTorch: make bench)"},
+    {"bench", "quick torch device",
+     "tokens/s for training and decoding, matmul GFLOP/s, memory (beside PyTorch: make bench)"},
 };
 
 struct Args {
@@ -1856,6 +2097,35 @@ static bool parse_args(Args& a, int argc, char** argv) {
     return true;
 }
 
+// the GPU's name (the emulation in tests/cuda_on_cpu.hpp names itself)
+static std::string device_name() {
+#ifdef BT_DEVICE
+    cudaDeviceProp prop;
+    cudaCheck(cudaGetDeviceProperties(&prop, 0));
+    return prop.name;
+#else
+    return "none";
+#endif
+}
+
+// --device cpu | cuda: cuda sends every op through kernels.cu (OP) and puts the buffers on the GPU.
+// Call before any model or run state is built.
+static void use_device(const Args& a) {
+    std::string d = a.str("device");
+    if (d == "cpu") return;
+    if (d != "cuda") BAD_INPUT("--device must be cpu or cuda, got '%s'", d.c_str());
+#ifndef BT_DEVICE
+    BAD_INPUT("this bt was built without CUDA: --device cuda needs a build with make USE_CUDA=1");
+#else
+    int n = 0;
+    cudaError_t err = cudaGetDeviceCount(&n);
+    if (err != cudaSuccess || n == 0)
+        BAD_INPUT("--device cuda: no CUDA GPU found (%s); use --device cpu",
+                  err != cudaSuccess ? cudaGetErrorString(err) : "0 devices");
+    g_device = true;
+#endif
+}
+
 static std::string build_flags() {
     std::string s = "fp32";
 #ifdef _OPENMP
@@ -1868,6 +2138,9 @@ static std::string build_flags() {
 #endif
 #ifdef __FMA__
     s += ", FMA";
+#endif
+#ifdef BT_DEVICE
+    s += g_device ? ", device cuda: " + device_name() : ", CUDA built in (--device cpu)";
 #endif
     return s;
 }
@@ -1974,7 +2247,8 @@ struct TrainRun {
 static std::string state_path(const std::string& ckpt) { return ckpt + ".state.safetensors"; }
 
 // state first, then the checkpoint; each is written atomically (a temporary file, then rename)
-static void save_run(const TrainRun& R) {
+static void save_run(TrainRun& R) {
+    model_download(R.M);   // --device cuda: the weights and moments back to the host first
     const Model& M = R.M;
     std::vector<OutTensor> ts;
     for (auto& p : M.table) {
@@ -2000,7 +2274,7 @@ static long meta_int(const SafeFile& f, const char* key, long lo, long hi, const
 }
 
 // --resume CKPT: the flags of the original run come back from the state file; only these may be given again
-static const char* RESUME_FLAGS[] = {"resume", "log-every", "save-every"};
+static const char* RESUME_FLAGS[] = {"resume", "log-every", "save-every", "device"};
 
 static Args resume_args(const Args& given, SafeFile* state) {
     for (auto& f : given.given) {
@@ -2082,7 +2356,8 @@ static void train_setup(TrainRun& R, const Args& given) {
     R.out = a.str("out");
     R.task = a.has("data") ? "file" : a.str("task");
     for (auto& f : a.given)
-        if (f != "resume" && f != "log-every" && f != "save-every" && f != "out") R.flags[f] = a.str(f);
+        if (f != "resume" && f != "log-every" && f != "save-every" && f != "out" && f != "device")
+            R.flags[f] = a.str(f);   // (--device is not part of the run: it may resume elsewhere)
 
     SafeFile init;
     if (given.has("resume")) {   // the model's config comes from the checkpoint, not from --init
@@ -2102,6 +2377,7 @@ static void train_setup(TrainRun& R, const Args& given) {
     int T = max_tokens(R.D);
     run_state_build(R.S, R.M.cfg, T, R.B, true);
     if (given.has("resume")) restore_run(R, state, a.str("out"));
+    if (g_device) model_upload(R.M);   // --device cuda: weights, gradients and moments to the GPU
     if (R.quiet) return;
     print_train_header(a, R.M, R.mode, o, R.D, R.B, T, seed);
     if (given.has("resume")) printf("  resume   %s at step %d of %d\n", a.str("out").c_str(), R.step, o.steps);
@@ -2118,7 +2394,7 @@ static void train_steps(TrainRun& R, int until) {
         int t = R.step;   // this step's index, 0-based
         double t0 = now_seconds();
         int Tb = load_batch(R.S, next_batch(R.D, R.B));
-        std::fill(M.grads.begin(), M.grads.end(), 0.0f);
+        zero_grads(M);
         float loss = forward_sequence(M, R.S, Tb, R.mode);
         if (std::isfinite(loss)) backward_sequence(M, R.S, Tb, R.mode);
         float norm = std::isfinite(loss) ? optimizer_step(M, R.o, t, R.mode) : NAN;
@@ -2153,6 +2429,7 @@ static Args train_args_from(std::vector<std::string> flags) {
 }
 
 static void cmd_train(const Args& a) {
+    use_device(a);
     TrainRun R;
     train_setup(R, a);
     double t0 = now_seconds();
@@ -2193,9 +2470,12 @@ static void cmd_eval(const Args& a) {
         if (a.has("sizes")) parse_sizes(a.str("sizes"), &lo, &hi, task == TASK_VAR ? 18 : 64);
     }
     int evict = a.integer("evict", 0, 1 << 15);
+    use_device(a);
+    if (evict && g_device) BAD_INPUT("--evict runs on the CPU only: drop --device cuda");
     Model M;
     load_model(M, a.str("ckpt"));
     if (evict && M.cfg.dp) BAD_INPUT("--evict is a baseline for a vanilla model; %s has a processor", a.str("ckpt").c_str());
+    if (g_device) model_upload(M);
     printf("bt eval | %s | %s | processor %s%s%s\n", a.str("ckpt").c_str(), build_flags().c_str(), M.cfg.dp ? "on" : "none",
            M.cfg.pause ? strf(" | %d PAUSE after newlines", M.cfg.pause).c_str() : "",
            evict ? strf(" | evict: %d older entries kept at each newline", evict).c_str() : "");
@@ -2234,8 +2514,11 @@ static void cmd_eval(const Args& a) {
 static void cmd_generate(const Args& a) {
     if (!a.has("ckpt")) BAD_INPUT("bt generate needs --ckpt FILE");
     if (!a.has("prompt")) BAD_INPUT("bt generate needs --prompt TEXT (a question, e.g. --prompt '1*4-0+3')");
+    use_device(a);
+    if (a.has("trace") && g_device) BAD_INPUT("--trace reads the cache on the host: run it with --device cpu");
     Model M;
     load_model(M, a.str("ckpt"));
+    if (g_device) model_upload(M);
     Decoder D;
     decoder_init(D, M);
     if (a.has("trace")) D.trace = stdout;
@@ -2251,8 +2534,10 @@ static void cmd_generate(const Args& a) {
 // ---- bt score
 static void cmd_score(const Args& a) {
     if (!a.has("ckpt") || !a.has("text-file")) BAD_INPUT("bt score needs --ckpt FILE and --text-file FILE");
+    use_device(a);
     Model M;
     load_model(M, a.str("ckpt"));
+    if (g_device) model_upload(M);
     std::vector<Example> ex = read_examples(a.str("text-file"));
     TrainMode mode;
     mode.use_proc = M.cfg.dp > 0;
@@ -2265,15 +2550,16 @@ static void cmd_score(const Args& a) {
         run_state_build(S, M.cfg, T, 1, false);
         load_batch(S, {text});
         forward_sequence(M, S, T, mode);
+        to_host(S.h_logits, S.logits, sizeof(float) * T * M.cfg.V);
         for (int t = 0; t + 1 < T; t++) {
-            if (S.weight[t] == 0.0f) continue;
-            const float* z = S.logits + (long)t * M.cfg.V;
+            if (S.h_weight[t] == 0.0f) continue;
+            const float* z = S.h_logits + (long)t * M.cfg.V;
             float mx = *std::max_element(z, z + M.cfg.V);
             double sum = 0.0;
             for (int i = 0; i < M.cfg.V; i++) sum += exp((double)z[i] - mx);
-            double lp = (double)z[S.targets[t]] - mx - log(sum);
+            double lp = (double)z[S.h_targets[t]] - mx - log(sum);
             total += lp;
-            printf("%d\t%s\t%.6f\n", t + 1, token_str(S.targets[t]).c_str(), lp);
+            printf("%d\t%s\t%.6f\n", t + 1, token_str(S.h_targets[t]).c_str(), lp);
         }
     }
     printf("total\t%.6f\n", total);
@@ -3153,7 +3439,7 @@ static const ProbeCell& probe_cell(const std::vector<ProbeCell>& cells, int tg, 
 
 // ---- plots: grouped bars, one panel per target; groups = layer x {K, V}; bars = the stages
 static std::string probe_svg(const std::vector<ProbeCell>& cells, int L, const std::string& title) {
-    double gw = 3 * 14 + 10, pw = 2 * L * gw + 40, ph = 220, W = 20 + N_TARGETS * pw, H = ph + 90;
+    double gw = 3 * 14 + 10, pw = 2 * L * gw + 40, ph = 220, W = 20 + N_TARGETS * pw, H = ph + 110;
     std::string s = strf("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%.0f\" height=\"%.0f\" font-family=\"sans-serif\" "
                          "font-size=\"11\">\n<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n", W, H);
     s += strf("<text x=\"10\" y=\"16\" font-size=\"13\">%s</text>\n", title.c_str());
@@ -3162,8 +3448,8 @@ static std::string probe_svg(const std::vector<ProbeCell>& cells, int L, const s
                   10 + st * 90, PALETTE[st], 24 + st * 90, STAGE_NAMES[st]);
     s += "<text x=\"290\" y=\"33\">dashed: chance (most common label)</text>\n";
     for (int tg = 0; tg < N_TARGETS; tg++) {
-        double x0 = 30 + tg * pw, y0 = 50, y1 = y0 + ph;
-        s += strf("<text x=\"%.0f\" y=\"%.0f\">%s: held-out accuracy</text>\n", x0, y0 - 2, TARGET_NAMES[tg]);
+        double x0 = 30 + tg * pw, y0 = 70, y1 = y0 + ph;
+        s += strf("<text x=\"%.0f\" y=\"%.0f\">%s: held-out accuracy</text>\n", x0, y0 - 10, TARGET_NAMES[tg]);
         s += strf("<line x1=\"%.0f\" y1=\"%.0f\" x2=\"%.0f\" y2=\"%.0f\" stroke=\"#444\"/>\n", x0, y1, x0 + 2 * L * gw, y1);
         for (int i = 0; i <= 4; i++)
             s += strf("<text x=\"%.0f\" y=\"%.0f\" text-anchor=\"end\" fill=\"#666\">%.2g</text>\n", x0 - 2, y1 - ph * i / 4 + 4, i / 4.0);
@@ -3189,7 +3475,7 @@ static std::string probe_svg(const std::vector<ProbeCell>& cells, int L, const s
 static std::string updates_svg(const UpdateStats& U, const std::string& title) {
     int L = U.L;
     double gw = 4 * 14 + 16, pw = L * gw + 40, ph = 200;
-    double W = 40 + pw + L * 40 + 80, H = ph + 90, top = 0;
+    double W = 40 + pw + L * 40 + 260, H = ph + 100, top = 0;
     for (int l = 0; l < L; l++)
         for (int k = 0; k < 2; k++)
             if (U.n[k][l]) top = std::max({top, U.dk[k][l] / U.n[k][l], U.dv[k][l] / U.n[k][l]});
@@ -3202,7 +3488,7 @@ static std::string updates_svg(const UpdateStats& U, const std::string& title) {
     for (int i = 0; i < 4; i++)
         s += strf("<rect x=\"%d\" y=\"24\" width=\"10\" height=\"10\" fill=\"%s\"/><text x=\"%d\" y=\"33\">%s</text>\n",
                   10 + i * 150, PALETTE[i], 24 + i * 150, names[i]);
-    double x0 = 40, y1 = 50 + ph;
+    double x0 = 40, y1 = 60 + ph;
     s += strf("<line x1=\"%.0f\" y1=\"%.0f\" x2=\"%.0f\" y2=\"%.0f\" stroke=\"#444\"/>\n", x0, y1, x0 + L * gw, y1);
     for (int i = 0; i <= 4; i++)
         s += strf("<text x=\"%.0f\" y=\"%.0f\" text-anchor=\"end\" fill=\"#666\">%.2g</text>\n", x0 - 2, y1 - ph * i / 4 + 4, top * i / 4);
@@ -3215,9 +3501,11 @@ static std::string updates_svg(const UpdateStats& U, const std::string& title) {
         s += strf("<text x=\"%.1f\" y=\"%.0f\" text-anchor=\"middle\">layer %d</text>\n", x0 + l * gw + 28, y1 + 14, l);
     }
     // the selection panel: share of picks in the question (bar) against uniform (dashed)
-    double x2 = x0 + L * gw + 40;
-    s += strf("<text x=\"%.0f\" y=\"46\">top-k picks in the question</text>\n", x2);
+    double x2 = x0 + L * gw + 60;
+    s += strf("<text x=\"%.0f\" y=\"52\">share of top-k picks in the question</text>\n", x2 - 30);
     s += strf("<line x1=\"%.0f\" y1=\"%.0f\" x2=\"%.0f\" y2=\"%.0f\" stroke=\"#444\"/>\n", x2, y1, x2 + L * 40, y1);
+    for (int i = 0; i <= 4; i++)
+        s += strf("<text x=\"%.0f\" y=\"%.0f\" text-anchor=\"end\" fill=\"#666\">%.2g</text>\n", x2 - 4, y1 - ph * i / 4 + 4, i / 4.0);
     for (int l = 0; l < L; l++) {
         double q = U.picks[l] ? (double)U.picks_question[l] / U.picks[l] : 0;
         double un = U.picks[l] ? U.uniform_question[l] / U.picks[l] : 0;
@@ -3226,7 +3514,7 @@ static std::string updates_svg(const UpdateStats& U, const std::string& title) {
                   x2 + l * 40 - 3, y1 - ph * un, x2 + l * 40 + 27, y1 - ph * un);
         s += strf("<text x=\"%.1f\" y=\"%.0f\" text-anchor=\"middle\">L%d</text>\n", x2 + l * 40 + 12, y1 + 14, l);
     }
-    s += strf("<text x=\"%.0f\" y=\"%.0f\">share 0..1; dashed: a uniform pick among older entries</text>\n", x2 - 30, y1 + 30);
+    s += strf("<text x=\"%.0f\" y=\"%.0f\">dashed: a uniform pick among the older entries</text>\n", x2 - 30, y1 + 30);
     return s + "</svg>\n";
 }
 
@@ -3382,7 +3670,8 @@ static void cmd_probe(const Args& a) {
                           (int)seed, build_flags().c_str(), lo, hi, bname.c_str());
     md = probe_report(P, cells, md);
     md += "\n![probes](probe-" + name + ".svg) ![updates](updates-" + name + ".svg)\n";
-    md += "\n### One rewrite, entry by entry\n\n" + probe_trace(M, cells, task, texts[1]);
+    size_t shown = ((size_t)((hi - lo) / 2) * n) | 1;   // a held-out (odd) example of the middle size
+    md += "\n### One rewrite, entry by entry\n\n" + probe_trace(M, cells, task, texts[shown]);
     write_file(dir + "/probe-" + name + ".md", md);
     write_file(dir + "/probe-" + name + ".svg", probe_svg(cells, c.L, strf("%s, %s: linear probes on cache entries", TASKS[task].name, name.c_str())));
     write_file(dir + "/updates-" + name + ".svg", updates_svg(P.U, strf("%s, %s: relative update per entry", TASKS[task].name, name.c_str())));
@@ -3421,6 +3710,7 @@ static double bench_train(const std::vector<std::string>& flags, bool frozen, in
     R.tokens = 0;
     double t0 = now_seconds();
     train_steps(R, steps + 2);
+    device_sync();   // the last optimizer step may still be running on the device
     double dt = now_seconds() - t0;
     if (mean_T) *mean_T = (double)R.tokens / R.B / steps;
     return R.tokens / dt;
@@ -3430,7 +3720,8 @@ static double bench_train(const std::vector<std::string>& flags, bool frozen, in
 // greedy choice is computed at every step as generate() does, but the example's own next token
 // is fed back, so every run decodes the same tokens and the processor fires at the same newlines
 // (tests/bench_torch.py does the same). B sequences run side by side, one decoder per thread (as
-// bt eval runs). Returns generated tokens (one per greedy choice) per second, prefill included.
+// bt eval runs; on the device one after another, as bt eval runs there). Returns generated tokens
+// (one per greedy choice) per second, prefill included.
 static double bench_decode(const Model& M, int B, int rounds) {
     Rng r(99);
     std::vector<std::vector<int>> seqs;
@@ -3443,7 +3734,7 @@ static double bench_decode(const Model& M, int B, int rounds) {
     long tokens = 0;
     for (int i = 0; i < B; i++) tokens += (long)(seqs[i].size() - qlen[i]) * rounds;
     double t0 = now_seconds();
-    #pragma omp parallel if (B > 1)
+    #pragma omp parallel if (B > 1 && !g_device)
     {
         Decoder D;
         decoder_init(D, M);
@@ -3463,17 +3754,27 @@ static double bench_decode(const Model& M, int B, int rounds) {
     return tokens / (now_seconds() - t0);
 }
 
-// GFLOP/s of out = inp W^T, (N,IC) x (OC,IC), forward; fast or naive
+// GFLOP/s of out = inp W^T, (N,IC) x (OC,IC), forward; fast or naive. Under --device cuda:
+// kernels.cu's matmul_forward on device copies of the same numbers (fast is ignored there).
 static double bench_matmul(int N, int IC, int OC, bool fast, double seconds) {
     std::vector<float> inp((long)N * IC), W((long)OC * IC), out((long)N * OC);
     Rng r(5);
     for (auto& x : inp) x = r.normal();
     for (auto& x : W) x = r.normal();
+    float *pi = inp.data(), *pw = W.data(), *po = out.data();
+    DeviceMem dm;
+    if (g_device) {
+        dm.alloc(sizeof(float) * (inp.size() + W.size() + out.size()));
+        pi = (float*)dm.p; pw = pi + inp.size(); po = pw + W.size();
+        to_device(pi, inp.data(), sizeof(float) * inp.size());
+        to_device(pw, W.data(), sizeof(float) * W.size());
+    }
     long reps = 0;
     double t0 = now_seconds(), t;
     do {
-        if (fast) matmul_forward(out.data(), inp.data(), W.data(), N, IC, OC);
-        else matmul_forward_naive(out.data(), inp.data(), W.data(), N, IC, OC);
+        if (fast || g_device) OP(matmul_forward(po, pi, pw, N, IC, OC));
+        else matmul_forward_naive(po, pi, pw, N, IC, OC);
+        device_sync();
         reps++;
         t = now_seconds() - t0;
     } while (t < seconds);
@@ -3528,15 +3829,21 @@ static std::map<std::string, TorchBest> read_torch_rows(const std::string& files
     return best;
 }
 
+// --device cuda: the same rows where they mean the same thing on the GPU (training, decoding one
+// sequence at a time, kernels.cu's plain matmul kernel, the scaling rows); no CPU-only rows (the
+// naive CPU loop, batch-32 decoding with a decoder per CPU thread, resident memory) and no PyTorch
+// column (tests/bench_torch.py measures on the CPU).
 static void cmd_bench(const Args& a) {
-    bool quick = a.has("quick");
+    use_device(a);
+    bool quick = a.has("quick"), dev = g_device;
     int steps = quick ? 3 : 20, rounds = quick ? 1 : 4;
     double mm_seconds = quick ? 0.2 : 1.0;
     std::vector<std::string> infos;
     std::map<std::string, TorchBest> torch;
-    if (a.has("torch")) torch = read_torch_rows(a.str("torch"), &infos);
-    printf("bt bench | %s | default model (d_model 128, 4 layers, processor width 64, k 4), chain, batch 32\n",
-           build_flags().c_str());
+    if (a.has("torch") && !dev) torch = read_torch_rows(a.str("torch"), &infos);
+    if (a.has("torch") && dev) infos.push_back("not compared: tests/bench_torch.py measures PyTorch on the CPU");
+    printf("bt bench%s | %s | default model (d_model 128, 4 layers, processor width 64, k 4), chain, batch 32\n",
+           dev ? " --device cuda" : "", build_flags().c_str());
     for (auto& s : infos) printf("  torch: %s\n", s.c_str());
     fflush(stdout);
 
@@ -3565,9 +3872,9 @@ static void cmd_bench(const Args& a) {
     nth = omp_get_max_threads();
 #endif
     add("decode_vanilla_b1", "decode vanilla, batch 1", "tok/s", bench_decode(V, 1, rounds * 8));
-    add("decode_vanilla_b32", "decode vanilla, batch 32", "tok/s", bench_decode(V, 32, rounds));
+    if (!dev) add("decode_vanilla_b32", "decode vanilla, batch 32", "tok/s", bench_decode(V, 32, rounds));
     add("decode_bt_b1", "decode bt, batch 1", "tok/s", bench_decode(P, 1, rounds * 8));
-    add("decode_bt_b32", "decode bt, batch 32", "tok/s", bench_decode(P, 32, rounds));
+    if (!dev) add("decode_bt_b32", "decode bt, batch 32", "tok/s", bench_decode(P, 32, rounds));
 
     // the training step's matmuls at batch 32 x ~40 positions: q/k/v/o, w1/w3, w2, the output head
     const int shapes[][3] = {{1280, 128, 128}, {1280, 128, 384}, {1280, 384, 128}, {1280, 128, 48}, {1024, 1024, 1024}};
@@ -3576,10 +3883,12 @@ static void cmd_bench(const Args& a) {
     for (auto& sh : shapes) {
         std::string key = strf("sgemm_%d_%d_%d", sh[0], sh[1], sh[2]);
         double g = bench_matmul(sh[0], sh[1], sh[2], true, mm_seconds);
-        add(key, strf("matmul %dx%d->%d", sh[0], sh[1], sh[2]), "GFLOP/s", g);
+        add(key, strf("matmul %dx%d->%d%s", sh[0], sh[1], sh[2], dev ? " (plain kernel)" : ""), "GFLOP/s", g);
         if (sh[0] == 1280) { mm_sum += g; mm_n++; }
     }
-    add("naive_1280_128_384", "matmul 1280x128->384 (naive loop)", "GFLOP/s", bench_matmul(1280, 128, 384, false, mm_seconds));
+    if (!dev)
+        add("naive_1280_128_384", "matmul 1280x128->384 (naive loop)", "GFLOP/s",
+            bench_matmul(1280, 128, 384, false, mm_seconds));
     double model_gflops = van * 3 * flops_per_token(V.cfg, mean_T) / 1e9;
     add("train_vanilla_gflops", "train vanilla, model FLOP/s", "GFLOP/s", model_gflops);
 
@@ -3594,14 +3903,19 @@ static void cmd_bench(const Args& a) {
         double v = bench_train(bt, true, steps, n, n, &T);
         add(strf("train_bt_frozen_full_n%d", n), strf("train bt frozen full, %d boundaries (T %.0f)", n, T), "tok/s", v);
     }
-    add("peak_rss", "peak resident memory", "MiB", peak_rss_mib());
+    if (!dev) add("peak_rss", "peak resident memory", "MiB", peak_rss_mib());
 
     // the table
     double peak = torch.count("sgemm_peak") ? torch["sgemm_peak"].value : 0;
     if (torch.count("sgemm_1024_1024_1024")) peak = std::max(peak, torch["sgemm_1024_1024_1024"].value);
-    printf("\n%-46s %12s %12s  %-28s %8s\n", "row", "bt", "PyTorch", "(fastest PyTorch)", "bt/torch");
+    if (dev) printf("\n%-46s %12s\n", "row", "bt (cuda)");
+    else printf("\n%-46s %12s %12s  %-28s %8s\n", "row", "bt", "PyTorch", "(fastest PyTorch)", "bt/torch");
     for (auto& r : rows) {
         auto it = torch.find(r.key);
+        if (dev) {
+            printf("%-46s %12.1f\n", (r.label + " " + r.unit).c_str(), r.bt);
+            continue;
+        }
         if (r.key == "train_vanilla_gflops" && peak > 0) {
             printf("%-46s %12.1f %12.1f  %-28s %7.0f%%\n", (r.label + " / sgemm peak").c_str(), r.bt, peak,
                    "OpenBLAS sgemm 1024^3", 100 * r.bt / peak);
@@ -3626,9 +3940,16 @@ static void cmd_bench(const Args& a) {
         if (tn == mm_n) printf("%-46s %12.1f %12.1f  %-28s %7.0f%%\n", "matmul at the model's shapes (mean GFLOP/s)",
                                mm_sum / mm_n, tsum / tn, "OpenBLAS sgemm, same shapes", 100 * mm_sum / tsum);
     }
-    printf("\nthreads: %d. Decoding feeds the reference continuation token by token (the greedy choice is\n"
-           "computed at each step); batch 32 = 32 sequences, one decoder per thread. FLOPs per training token:\n"
-           "%.2f MFLOP (3 x forward at mean T %.1f).\n", nth, 3 * flops_per_token(V.cfg, mean_T) / 1e6, mean_T);
+    if (dev)
+        printf("\nOn %s through kernels.cu: plain kernels (one thread per output, no shared memory),\n"
+               "launched one op at a time from one host thread. Decoding feeds the reference continuation token\n"
+               "by token (the greedy choice is computed at each step), one sequence at a time. FLOPs per\n"
+               "training token: %.2f MFLOP (3 x forward at mean T %.1f).\n", device_name().c_str(),
+               3 * flops_per_token(V.cfg, mean_T) / 1e6, mean_T);
+    else
+        printf("\nthreads: %d. Decoding feeds the reference continuation token by token (the greedy choice is\n"
+               "computed at each step); batch 32 = 32 sequences, one decoder per thread. FLOPs per training token:\n"
+               "%.2f MFLOP (3 x forward at mean T %.1f).\n", nth, 3 * flops_per_token(V.cfg, mean_T) / 1e6, mean_T);
 }
 
 #ifndef BT_TESTING

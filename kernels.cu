@@ -1,7 +1,10 @@
 // kernels.cu -- CUDA versions of the ops in tensor.hpp (forward and backward) and of the Cache
 // Processor's steps in bt.cpp, one plain kernel per op, launched by a function with the CPU op's
 // name and argument list in namespace cuda:  cuda::matmul_forward(out, inp, W, N, IC, OC).
-// Every pointer a launcher takes is a device pointer.
+// Every pointer a launcher takes is a device pointer. bt --device cuda (make USE_CUDA=1) runs the
+// whole model through these launchers: bt.cpp's OP(call) picks cuda::call instead of the CPU op.
+// A few launchers exist for that alone: clipping (after adamw_update), the undo log's restore,
+// zeroing and copies (at the end).
 //
 // The rules, so that a kernel reads like the loop it replaces and gives the same numbers:
 //   * each CUDA thread computes its own outputs: no shared memory, no __syncthreads, no atomicAdd.
@@ -496,6 +499,45 @@ void adamw_update(float* p, float* m, float* v, const float* g, long N, float lr
 }
 
 // ==============================================================================================
+// Gradient clipping (bt.cpp's optimizer_step): the squared norm, then a scale.
+//
+// sum_squares: acc + sum_i x[i]^2 in double.   x (n)
+// SUMSQ_PARTS threads each sum one contiguous slice of x in index order into partial[t]; the host
+// then adds the partial sums in order. The CPU keeps one running sum instead, so the two agree to
+// double rounding, not bitwise (the norm only sets the clipping factor).
+static const int SUMSQ_PARTS = 1024;
+__global__ void sum_squares_kernel(double* partial, const float* x, long n) {
+    long t = thread_index();
+    if (t >= SUMSQ_PARTS) return;
+    long per = (n + SUMSQ_PARTS - 1) / SUMSQ_PARTS;
+    long i0 = t * per, i1 = i0 + per < n ? i0 + per : n;
+    double acc = 0.0;
+    for (long i = i0; i < i1; i++) acc += (double)x[i] * x[i];
+    partial[t] = acc;
+}
+double sum_squares(double acc, const float* x, long n) {
+    static double* partial = nullptr;   // (SUMSQ_PARTS) on the device, allocated once
+    static double host[SUMSQ_PARTS];
+    if (!partial) cudaCheck(cudaMalloc(&partial, sizeof(double) * SUMSQ_PARTS));
+    LAUNCH(sum_squares_kernel, blocks_for(SUMSQ_PARTS), THREADS, partial, x, n);
+    check_launch();
+    cudaCheck(cudaMemcpy(host, partial, sizeof(double) * SUMSQ_PARTS, cudaMemcpyDeviceToHost));
+    for (int t = 0; t < SUMSQ_PARTS; t++) acc += host[t];
+    return acc;
+}
+
+// scale_inplace: x[i] *= a.   x (n); one thread each
+__global__ void scale_inplace_kernel(float* x, float a, long n) {
+    long i = thread_index();
+    if (i >= n) return;
+    x[i] *= a;
+}
+void scale_inplace(float* x, float a, long n) {
+    LAUNCH(scale_inplace_kernel, blocks_for(n), THREADS, x, a, n);
+    check_launch();
+}
+
+// ==============================================================================================
 // THE CACHE PROCESSOR (bt.cpp), at the boundary after segment [s,e), per backbone layer:
 //   1. select  2. gather  3. transform  4. write back
 // The transform is a small non-causal transformer (matmul, rmsnorm, rope, attention, swiglu,
@@ -652,6 +694,35 @@ void write_back_backward(float* ddelta, float* dgate, const float* dK, const flo
         LAUNCH(write_back_gate_kernel, 1, 1, dgate, dK, dV, delta, gate, sel, nS, B, C);
         check_launch();
     }
+}
+
+// The undo log's restore (bt.cpp's scatter_rows), the inverse of gather, a copy:
+//   K[sel[n,b], b, :] = u[n,b,:C] ;  V[sel[n,b], b, :] = u[n,b,C:]
+// K,V (T,B,C), u (nS,B,2C), sel (nS,B). One thread per (r, c); positions of one sequence are distinct.
+__global__ void scatter_rows_kernel(float* K, float* V, const float* u, const int* sel, int nS, int B, int C) {
+    long i = thread_index();
+    if (i >= (long)nS * B * C) return;
+    long r = i / C;
+    int c = (int)(i % C);
+    long dst = ((long)sel[r] * B + r % B) * C;
+    K[dst + c] = u[r * 2 * C + c];
+    V[dst + c] = u[r * 2 * C + C + c];
+}
+void scatter_rows(float* K, float* V, const float* u, const int* sel, int nS, int B, int C) {
+    LAUNCH(scatter_rows_kernel, blocks_for((long)nS * B * C), THREADS, K, V, u, sel, nS, B, C);
+    check_launch();
+}
+
+// ==============================================================================================
+// Buffer plumbing for bt.cpp's device path, named after bt.cpp's CPU functions: no kernels, the
+// CUDA runtime's own memset and device-to-device copy.
+//   zero: p[i] = 0 (n floats; a float 0 is all zero bytes) ;  copy_floats, copy_ints: dst[i] = src[i]
+void zero(float* p, long n) { cudaCheck(cudaMemset(p, 0, sizeof(float) * n)); }
+void copy_floats(float* dst, const float* src, long n) {
+    cudaCheck(cudaMemcpy(dst, src, sizeof(float) * n, cudaMemcpyDeviceToDevice));
+}
+void copy_ints(int* dst, const int* src, long n) {
+    cudaCheck(cudaMemcpy(dst, src, sizeof(int) * n, cudaMemcpyDeviceToDevice));
 }
 
 }  // namespace cuda

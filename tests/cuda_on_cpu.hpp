@@ -64,4 +64,9 @@ inline cudaError_t cudaMemset(void* p, int value, size_t bytes) { memset(p, valu
 inline cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 inline cudaError_t cudaGetDeviceCount(int* n) { *n = 1; return cudaSuccess; }   // "the CPU"
+struct cudaDeviceProp { char name[256]; };
+inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int) {
+    snprintf(p->name, sizeof p->name, "the CPU (tests/cuda_on_cpu.hpp)");
+    return cudaSuccess;
+}
 inline const char* cudaGetErrorString(cudaError_t e) { return e == cudaSuccess ? "no error" : "out of memory"; }
