@@ -85,11 +85,13 @@ check-cuda: | deps
 	$(NVCC) $(NVCCFLAGS) -c tests/test_kernels.cpp -o /dev/null
 	@echo "✓ kernels.cu, bt.cpp (bt --device cuda) and tests/test_kernels.cpp compile with $(NVCC)"
 
-# the main job: a small but real experiment on mul, the task where the vanilla model is not already
-# perfect in distribution. One seed; v4 (stage 1 backbone, then vanilla+extra, bt frozen, pause 4)
-# and v1 (vanilla, bt joint from scratch). About 13 minutes on 2 cores; results/mul/results.md and
-# its plots. Finished runs are kept, so an interrupted make train goes on where it stopped.
-TRAIN_FLAGS ?= --task mul --regime both --seeds 1 --arms bt,pause4,bt-joint --stage1 600 --stage2 300 --steps 600 --n 50
+# the main job: a small but real experiment on add, the task where the arms differ most (see
+# results/add/results.md). One seed at the experiment's size (d_model 64); v4 (a 450-step backbone,
+# then vanilla+extra, bt frozen, pause 4 for 200 steps each) and v1 (vanilla, bt joint, 600 steps
+# from scratch). Writes results/make-train/add/results.md and its plots (not the committed 3-seed
+# results/add). Finished runs are kept, so an interrupted make train goes on where it stopped.
+TRAIN_FLAGS ?= --task add --regime both --seeds 1 --arms bt,pause4,bt-joint --stage1 450 --stage2 200 --steps 600 \
+               --d-model 64 --n 40 --results results/make-train
 train: bt
 	./bt experiment $(TRAIN_FLAGS)
 

@@ -1521,7 +1521,9 @@ static std::string generate(Decoder& D, const std::string& prompt) {
     std::vector<int> toks = tokenize(insert_pauses(prompt, P), "prompt");
     decoder_feed(D, toks.data(), (int)toks.size());
     std::string out;
-    while (D.S.n_tok < D.S.T) {
+    // stop when the context is full: in positions, not slots (eviction frees slots but positions
+    // only grow, so a model that never writes '$' would otherwise decode for ever)
+    while (D.S.n_tok < D.S.T && D.next_pos < D.S.T) {
         int t = decoder_argmax(D);
         out += token_to_char(t);
         if (out.back() == '$') break;

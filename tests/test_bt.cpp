@@ -589,6 +589,20 @@ TEST_CASE("evict: a budget above the length changes nothing; a small one keeps t
     printf(" (of %d), the newline goes to slot %zu at position %d\n", nl2, kept.size(), K.S.pos[kept.size()]);
 }
 
+TEST_CASE("evict: decoding stops when the positions fill the context, though eviction keeps freeing slots") {
+    Model M;
+    tiny_model(M, false, 75);
+    for (int c = 0; c < M.cfg.C; c++) M.w.final_norm[c] = 0.0f;   // logits all 0: argmax is the newline, for ever
+    Decoder D;
+    decoder_init(D, M, 2);
+    std::string out = generate(D, "1+2\n");          // used to loop: every newline evicted down to a few slots
+    int prompt = 1 + 4;                               // BOS, "1+2", the newline
+    CHECK((int)out.size() == M.cfg.T - prompt);
+    CHECK(out.find_first_not_of('\n') == std::string::npos);
+    CHECK(D.next_pos == M.cfg.T);
+    CHECK(D.S.n_tok < 8);                             // the slots in use stayed few
+}
+
 TEST_CASE("a freshly initialised processor (W_out = 0) leaves the logits bit-identical to the backbone alone") {
     Model M;
     model_build(M, tiny_config(true));
