@@ -148,30 +148,25 @@ void DeviceMem::release() {}
 #endif
 
 // copy bytes from the host to the ops' buffer, from an ops' buffer to the host, or between two
-// ops' buffers. On the CPU dst == src for the first two (the host copy IS the buffer): no-op.
-static void to_device(void* dst, const void* src, size_t bytes) {
-    if (dst == src || bytes == 0) return;
+// ops' buffers: cudaMemcpy with a device, memcpy without one
+enum CopyDir { HOST_TO_DEVICE, DEVICE_TO_HOST, DEVICE_TO_DEVICE };
+static void copy_bytes(void* dst, const void* src, size_t bytes, CopyDir dir) {
 #ifdef BT_DEVICE
-    cudaCheck(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
+    static const cudaMemcpyKind kind[] = {cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice};
+    cudaCheck(cudaMemcpy(dst, src, bytes, kind[dir]));
 #else
+    (void)dir;
     memcpy(dst, src, bytes);
 #endif
+}
+// On the CPU dst == src for these two (the host copy IS the buffer): nothing to do.
+static void to_device(void* dst, const void* src, size_t bytes) {
+    if (dst != src && bytes) copy_bytes(dst, src, bytes, HOST_TO_DEVICE);
 }
 static void to_host(void* dst, const void* src, size_t bytes) {
-    if (dst == src || bytes == 0) return;
-#ifdef BT_DEVICE
-    cudaCheck(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
-#else
-    memcpy(dst, src, bytes);
-#endif
+    if (dst != src && bytes) copy_bytes(dst, src, bytes, DEVICE_TO_HOST);
 }
-static void device_copy(void* dst, const void* src, size_t bytes) {
-#ifdef BT_DEVICE
-    cudaCheck(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToDevice));
-#else
-    memcpy(dst, src, bytes);
-#endif
-}
+static void device_copy(void* dst, const void* src, size_t bytes) { copy_bytes(dst, src, bytes, DEVICE_TO_DEVICE); }
 // wait for the device's queued work (timings); nothing to wait for on the CPU
 static void device_sync() {
 #ifdef BT_DEVICE
