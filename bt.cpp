@@ -2738,6 +2738,17 @@ static RunResult experiment_run(const Experiment& X, const std::string& regime, 
         return r;
     }
     r.regime = regime; r.arm = arm; r.seed = seed; r.steps = steps;
+    // v1's vanilla with --steps equal to --stage1 is the very run v4's backbone was (same flags, seed and
+    // data; training is deterministic): take its checkpoint and results instead of training it twice.
+    std::string backbone = X.dir + "/runs/" + run_name("v4", "backbone", seed);
+    RunResult b;
+    if (regime == "v1" && arm == "vanilla" && read_run_json(backbone + ".json", &b) && b.steps == steps) {
+        write_file(base + ".safetensors", read_file(backbone + ".safetensors", "v4 backbone checkpoint"));
+        b.regime = regime; b.arm = arm;
+        write_file(base + ".json", run_json(b));
+        printf("  %-22s seed %d: the same run as v4's backbone (%s)\n", arm.c_str(), seed, backbone.c_str());
+        return b;
+    }
     Model M;
     if (evict > 0) {
         load_model(M, evict_ckpt);

@@ -1101,6 +1101,24 @@ TEST_CASE("bt experiment: every arm runs, results.md and plots are written, a se
     CHECK(r.loss.size() == 2);
     CHECK(r.sizes.size() == (size_t)(TASKS[TASK_ADD].train_hi - TASKS[TASK_ADD].train_lo + 1 + TASKS[TASK_ADD].ood_hi -
                                      TASKS[TASK_ADD].ood_lo + 1));
+    // --steps equals --stage1 here, so v1's vanilla is taken from v4's backbone: check that it is exactly what
+    // training it on its own gives, and that its results carry v1's name
+    std::string runs_dir = dir + "/add/runs/";
+    CHECK(read_bytes(runs_dir + "v1-vanilla-s1.safetensors") == read_bytes(runs_dir + "v4-backbone-s1.safetensors"));
+    TrainRun alone;
+    alone.quiet = true;
+    train_setup(alone, train_args_from({"--seed", "1", "--steps", "3", "--task", "add", "--batch", "4", "--model", "vanilla",
+                                        "--d-model", "16", "--layers", "1", "--heads", "2", "--out", dir + "/alone.safetensors"}));
+    train_steps(alone, 3);
+    save_run(alone);
+    CHECK(read_bytes(dir + "/alone.safetensors") == read_bytes(runs_dir + "v1-vanilla-s1.safetensors"));
+    RunResult v1v, v4b;
+    REQUIRE(read_run_json(runs_dir + "v1-vanilla-s1.json", &v1v));
+    REQUIRE(read_run_json(runs_dir + "v4-backbone-s1.json", &v4b));
+    CHECK(v1v.regime == "v1");
+    CHECK(v1v.arm == "vanilla");
+    CHECK(v1v.id_answer == v4b.id_answer);
+    CHECK(v1v.loss == v4b.loss);
     std::string one = dir + "/add/runs/v1-bt-joint-s1.json";
     auto stamp = std::filesystem::last_write_time(one);
     std::string before = read_bytes(one);
