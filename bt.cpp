@@ -3083,8 +3083,9 @@ static void cmd_experiment(const Args& a) {
         else total -= j.cost;
     }
     // the report
-    double train_seconds = 0;
-    for (auto& r : all) train_seconds += r.seconds;
+    double train_seconds = 0;   // v1's vanilla taken from v4's backbone (same steps) is counted once
+    bool shared = v4 && v1 && X.stage1 == X.steps;
+    for (auto& r : all) train_seconds += shared && r.regime == "v1" && r.arm == "vanilla" ? 0 : r.seconds;
     std::string md = strf("# %s: does the bottleneck help?\n\nWritten by `bt experiment --task %s --regime %s --seeds %d "
                           "--stage1 %d --stage2 %d --steps %d --d-model %d --layers %d --heads %d --batch %s --n %d%s` "
                           "(%s; training time summed over the runs: %s). Every arm of a regime sees the same data stream and budget "
@@ -3114,12 +3115,14 @@ static void cmd_experiment(const Args& a) {
               "kept at each newline). Control: `vanilla`.\n";
         md += regime_report(X, "v1", all, "vanilla");
     }
-    std::string bt_run = X.dir + "/runs/" + run_name(v1 ? "v1" : "v4", v1 ? "bt-joint" : "bt", 1) + ".safetensors";
+    // the heatmap: v1's newline-schedule model if it ran, else v4's bt (both recall k entries per boundary)
+    bool joint = v1 && std::ifstream(X.dir + "/runs/" + run_name("v1", "bt-joint", 1) + ".safetensors").good();
+    std::string bt_run = X.dir + "/runs/" + run_name(joint ? "v1" : "v4", joint ? "bt-joint" : "bt", 1) + ".safetensors";
     if (std::ifstream(bt_run).good()) {
         Model M;
         load_model(M, bt_run);
         plot_reconsolidation(M, X.task, strf("%s: what the processor recalls (%s, seed 1)", TASKS[X.task].name,
-                                             v1 ? "v1 bt-joint" : "v4 bt"), X.dir + "/reconsolidation.svg");
+                                             joint ? "v1 bt-joint" : "v4 bt"), X.dir + "/reconsolidation.svg");
         md += "\n## Which entries get reconsolidated\n\n![reconsolidation](reconsolidation.svg)\n";
     }
     write_file(X.dir + "/results.md", md);
