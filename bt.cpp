@@ -2746,6 +2746,7 @@ static RunResult experiment_run(const Experiment& X, const std::string& regime, 
         write_file(base + ".safetensors", read_file(backbone + ".safetensors", "v4 backbone checkpoint"));
         b.regime = regime; b.arm = arm;
         write_file(base + ".json", run_json(b));
+        remove(state_path(base + ".safetensors").c_str());   // a half-trained copy of it, if one was left
         printf("  %-22s seed %d: the same run as v4's backbone (%s)\n", arm.c_str(), seed, backbone.c_str());
         return b;
     }
