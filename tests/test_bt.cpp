@@ -60,6 +60,9 @@ static float max_abs(const float* x, long n) {
     return m;
 }
 
+// A scratch file or folder of this test process: two test runs on one machine do not collide.
+static std::string tmp_path(const char* name) { return "/tmp/bt_test_" + std::to_string(getpid()) + "_" + name; }
+
 static std::string ref_path(const char* file) {
     const char* dir = getenv("BT_REF_DIR");
     return std::string(dir ? dir : "weights") + "/" + file;
@@ -839,7 +842,7 @@ TEST_CASE("checkpoints round-trip exactly, processor and metadata included") {
     c.periodic = 8;
     model_build(M, c);
     randomize(M, 41, 0.3f);
-    std::string path = "/tmp/bt_test_roundtrip.safetensors";
+    std::string path = tmp_path("roundtrip.safetensors");
     save_model(M, path);
     Model R;
     load_model(R, path);
@@ -875,7 +878,7 @@ static std::string read_bytes(const std::string& path) {
 TEST_CASE("bad input gets a clear error (exit code 2), never a crash") {
     Model M;
     tiny_model(M, false, 42);
-    std::string good = "/tmp/bt_test_good.safetensors", bad = "/tmp/bt_test_bad.safetensors";
+    std::string good = tmp_path("good.safetensors"), bad = tmp_path("bad.safetensors");
     save_model(M, good);
     std::string bytes = read_bytes(good), msg;
     Model X;
@@ -955,7 +958,7 @@ static std::vector<std::string> with(std::vector<std::string> v, const std::vect
 }
 
 TEST_CASE("a run stopped midway and resumed ends bitwise equal to the run left alone (joint, processor on)") {
-    std::string a = "/tmp/bt_test_whole.safetensors", b = "/tmp/bt_test_stopped.safetensors";
+    std::string a = tmp_path("whole.safetensors"), b = tmp_path("stopped.safetensors");
     TrainRun A;
     train_setup(A, train_args_from(with(SMALL_RUN, {"--out", a})));
     train_steps(A, 12);
@@ -999,7 +1002,7 @@ TEST_CASE("a run stopped midway and resumed ends bitwise equal to the run left a
 }
 
 TEST_CASE("a NaN loss stops the run (exit 1) and leaves the last good checkpoint") {
-    std::string path = "/tmp/bt_test_nan.safetensors";
+    std::string path = tmp_path("nan.safetensors");
     TrainRun R;
     train_setup(R, train_args_from(with(SMALL_RUN, {"--out", path})));
     train_steps(R, 7);   // saved at step 5
@@ -1072,7 +1075,7 @@ TEST_CASE("a training step and a decoding step allocate nothing once the buffers
 }
 
 TEST_CASE("bt experiment: every arm runs, results.md and plots are written, a second run reuses every finished run") {
-    std::string dir = "/tmp/bt_test_experiment";
+    std::string dir = tmp_path("experiment");
     std::filesystem::remove_all(dir);
     auto exp_args = [&] {
         std::vector<std::string> v = {"bt", "experiment", "--task", "add", "--seeds", "1", "--stage1", "3", "--stage2", "2",
