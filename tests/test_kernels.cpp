@@ -13,6 +13,7 @@
 // with to_host(); only where a Dev lives differs.
 #define DOCTEST_CONFIG_IMPLEMENT
 #include <doctest/doctest.h>
+#include <unistd.h>
 
 #define BT_TESTING
 #define BT_DEVICE   // bt.cpp compiles its device path (OP, g_device) and includes kernels.cu
@@ -574,7 +575,8 @@ TEST_CASE("device path: one training step, vanilla") { check_step("vanilla", fal
 TEST_CASE("device path: bt train's loop (losses), its checkpoint is the device's weights, a device model copies") {
     std::vector<std::string> flags = {"--task", "chain", "--d-model", "32", "--layers", "2", "--heads", "4",
                                       "--batch", "4", "--steps", "3", "--model", "bt", "--joint", "--save-every", "0"};
-    std::string path_c = "/tmp/bt_test_kernels_cpu.safetensors", path_d = "/tmp/bt_test_kernels_cuda.safetensors";
+    std::string scratch = "/tmp/bt_test_kernels_" + std::to_string(getpid());   // this process's own files
+    std::string path_c = scratch + "_cpu.safetensors", path_d = scratch + "_cuda.safetensors";
     auto with_out = [&](const std::string& out) {
         std::vector<std::string> f = flags;
         f.insert(f.end(), {"--out", out});
