@@ -1,5 +1,5 @@
 # bt -- make | make test | make train | make bench | make reference | make debug | make sanitize | make fuzz | make resume-test
-# Options: NO_OMP=1 (no OpenMP), USE_CUDA=1 (bt through nvcc, with --device cuda; make test also runs
+# Options: MARCH=x86-64-v3 (the compile target; native by default), NO_OMP=1 (no OpenMP), USE_CUDA=1 (bt through nvcc, with --device cuda; make test also runs
 #          tests/test_kernels on the GPU). Without USE_CUDA nothing needs CUDA.
 SHELL    := /bin/bash
 CXX      ?= g++
@@ -7,12 +7,16 @@ CXXFLAGS ?= -O3
 CXXFLAGS += -std=c++17 -Wall -Wextra
 PYTHON   ?= /usr/bin/python3
 
-# -march=native when the compiler accepts it
-ifeq ($(shell $(CXX) -march=native -x c++ -E /dev/null >/dev/null 2>&1 && echo ok),ok)
-  CXXFLAGS += -march=native
-  $(info ✓ -march=native)
+# The same numbers on every machine: no contraction of a*b+c into an FMA behind our back (the
+# code writes each FMA it wants explicitly), and no -ffast-math. Then the target only changes speed.
+CXXFLAGS += -ffp-contract=off
+# -march=$(MARCH) (native by default; MARCH=x86-64-v3 for any AVX2+FMA machine) when accepted
+MARCH ?= native
+ifeq ($(shell $(CXX) -march=$(MARCH) -x c++ -E /dev/null >/dev/null 2>&1 && echo ok),ok)
+  CXXFLAGS += -march=$(MARCH)
+  $(info ✓ -march=$(MARCH))
 else
-  $(info ✗ -march=native (not accepted by $(CXX)))
+  $(info ✗ -march=$(MARCH) (not accepted by $(CXX)))
 endif
 # OpenMP unless NO_OMP=1
 ifeq ($(NO_OMP),1)
@@ -26,11 +30,11 @@ else
   $(info ✗ OpenMP (compiler has no -fopenmp))
 endif
 
-# nvcc compiles the .cpp files as CUDA (-x cu); the host code gets the same -fopenmp and -march=native
+# nvcc compiles the .cpp files as CUDA (-x cu); the host code gets the same -fopenmp, -march and -ffp-contract
 NVCC      ?= $(shell command -v nvcc 2>/dev/null || echo /usr/local/cuda/bin/nvcc)
 NVCCFLAGS ?= -O3
 NVCCFLAGS += -std=c++17 -x cu $(if $(filter -fopenmp,$(CXXFLAGS)),-Xcompiler -fopenmp) \
-             $(if $(filter -march=native,$(CXXFLAGS)),-Xcompiler -march=native)
+             $(if $(filter -march=$(MARCH),$(CXXFLAGS)),-Xcompiler -march=$(MARCH)) -Xcompiler -ffp-contract=off
 TEST_BINS  = tests/test_bt tests/test_kernels
 ifeq ($(USE_CUDA),1)
   TEST_BINS += tests/test_kernels_gpu
@@ -127,7 +131,7 @@ debug: bt.cpp tensor.hpp
 # the whole test suite under AddressSanitizer and UndefinedBehaviorSanitizer (-O1 keeps it quick)
 sanitize: deps
 	$(CXX) -std=c++17 -Wall -Wextra -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer \
-	  $(filter -fopenmp -march=native,$(CXXFLAGS)) -o tests/test_bt_san tests/test_bt.cpp
+	  $(filter -fopenmp -march=% -ffp-contract=%,$(CXXFLAGS)) -o tests/test_bt_san tests/test_bt.cpp
 	UBSAN_OPTIONS=halt_on_error=1 ./tests/test_bt_san
 
 # a run killed with SIGKILL midway, resumed with --resume, ends bitwise equal to one never killed

@@ -105,7 +105,7 @@ struct Carver {
 // =============================================================================================
 // Where the ops run: the CPU, or a CUDA device (--device cuda)
 //
-// Every op call of the model goes through OP(): OP(matmul_forward(out, inp, W, N, IC, OC)) runs
+// Every op call of the model goes through OP(): OP(matmul_forward(out, inp, W, WT, N, IC, OC)) runs
 // tensor.hpp's matmul_forward, or under --device cuda kernels.cu's cuda::matmul_forward with the
 // same arguments. Without CUDA compiled in, OP(call) is just the call. There is one copy of the
 // model's code (block_forward, bottleneck_step, forward_sequence, ...) for both.
@@ -475,29 +475,32 @@ static void carve_block_scratch(Carver& cv, BlockScratch& s, int C, int F, long 
 }
 
 // out (T,B,C) rows [s,e) = block(x rows [s,e)); pos (T*B) is the RoPE position of every row;
-// T is the row stride of a.att.
-static void block_forward(float* out, BlockActs& a, const float* x, const BlockW& w, const BlockDims& d,
-                          const int* pos, int s, int e, int B, int T, int causal, float theta, float eps) {
+// T is the row stride of a.att. wt: w's matrices transposed (a Decoder's), or nullptr (each
+// matmul then transposes its own).
+static void block_forward(float* out, BlockActs& a, const float* x, const BlockW& w, const BlockW* wt,
+                          const BlockDims& d, const int* pos, int s, int e, int B, int T, int causal, float theta,
+                          float eps) {
     int C = d.C, N = (e - s) * B;
     long r0 = (long)s * B;
+    auto WT = [&](float* BlockW::*f) -> const float* { return wt ? wt->*f : nullptr; };
     // attention half: ln1 = RMSNorm(x); q,k,v = ln1 Wq^T, Wk^T, Wv^T; RoPE on q and k
     OP(rmsnorm_forward(a.ln1 + r0 * C, a.rstd1 + r0, x + r0 * C, w.attn_norm, N, C, eps));
-    OP(matmul_forward(a.q + r0 * C, a.ln1 + r0 * C, w.wq, N, C, C));
-    OP(matmul_forward(a.k + r0 * C, a.ln1 + r0 * C, w.wk, N, C, C));
-    OP(matmul_forward(a.v + r0 * C, a.ln1 + r0 * C, w.wv, N, C, C));
+    OP(matmul_forward(a.q + r0 * C, a.ln1 + r0 * C, w.wq, WT(&BlockW::wq), N, C, C));
+    OP(matmul_forward(a.k + r0 * C, a.ln1 + r0 * C, w.wk, WT(&BlockW::wk), N, C, C));
+    OP(matmul_forward(a.v + r0 * C, a.ln1 + r0 * C, w.wv, WT(&BlockW::wv), N, C, C));
     OP(rope_forward(a.q + r0 * C, a.q + r0 * C, pos + r0, N, d.NH, d.HS, theta));
     OP(rope_forward(a.k + r0 * C, a.k + r0 * C, pos + r0, N, d.NH, d.HS, theta));
     OP(attention_forward(a.y + r0 * C, a.att + r0 * d.NH * T, a.q + r0 * C, a.k, a.v, e - s, e, T, s, causal, B,
                          d.NH, d.HS));
     // x2 = x + y Wo^T
-    OP(matmul_forward(a.x2 + r0 * C, a.y + r0 * C, w.wo, N, C, C));
+    OP(matmul_forward(a.x2 + r0 * C, a.y + r0 * C, w.wo, WT(&BlockW::wo), N, C, C));
     OP(residual_forward(a.x2 + r0 * C, a.x2 + r0 * C, x + r0 * C, (long)N * C));
     // MLP half: out = x2 + (silu(ln2 W1^T) * ln2 W3^T) W2^T
     OP(rmsnorm_forward(a.ln2 + r0 * C, a.rstd2 + r0, a.x2 + r0 * C, w.mlp_norm, N, C, eps));
-    OP(matmul_forward(a.h1 + r0 * d.F, a.ln2 + r0 * C, w.w1, N, C, d.F));
-    OP(matmul_forward(a.h3 + r0 * d.F, a.ln2 + r0 * C, w.w3, N, C, d.F));
+    OP(matmul_forward(a.h1 + r0 * d.F, a.ln2 + r0 * C, w.w1, WT(&BlockW::w1), N, C, d.F));
+    OP(matmul_forward(a.h3 + r0 * d.F, a.ln2 + r0 * C, w.w3, WT(&BlockW::w3), N, C, d.F));
     OP(swiglu_forward(a.g + r0 * d.F, a.h1 + r0 * d.F, a.h3 + r0 * d.F, (long)N * d.F));
-    OP(matmul_forward(out + r0 * C, a.g + r0 * d.F, w.w2, N, d.F, C));
+    OP(matmul_forward(out + r0 * C, a.g + r0 * d.F, w.w2, WT(&BlockW::w2), N, d.F, C));
     OP(residual_forward(out + r0 * C, out + r0 * C, a.x2 + r0 * C, (long)N * C));
 }
 
@@ -608,6 +611,8 @@ struct RunState {
     long undo_sel_n = 0, undo_u_n = 0, undo_sel_cap = 0, undo_u_cap = 0;
     std::vector<int> bounds;           // segment starts of the current batch, then T (segment_bounds)
     int n_tok = 0;                     // positions filled so far (decoding)
+    const Weights* wt = nullptr;       // the backbone's matrices transposed, for the forward's matmuls
+                                       // (a Decoder's own copy); nullptr: each matmul transposes its W
 };
 
 static void carve_run_state(Carver& cv, RunState& S, const Config& c, int T, int B, bool train) {
@@ -710,10 +715,11 @@ static void backbone_forward(const Model& M, RunState& S, int s, int e) {
     BlockDims d{c.C, c.NH, c.C / c.NH, c.F};
     OP(embedding_forward(S.xs[0] + r0 * c.C, S.tokens + r0, M.w.tok_emb, N, c.C));
     for (int l = 0; l < c.L; l++)
-        block_forward(S.xs[l + 1], S.acts[l], S.xs[l], M.w.layers[l], d, S.pos, s, e, B, S.T, 1, c.theta, c.eps);
+        block_forward(S.xs[l + 1], S.acts[l], S.xs[l], M.w.layers[l], S.wt ? &S.wt->layers[l] : nullptr, d, S.pos, s, e,
+                      B, S.T, 1, c.theta, c.eps);
     OP(rmsnorm_forward(S.lnf + r0 * c.C, S.rstdf + r0, S.xs[c.L] + r0 * c.C, M.w.final_norm, N, c.C, c.eps));
     // LM head tied to the embedding: logits = lnf tok_emb^T
-    OP(matmul_forward(S.logits + r0 * c.V, S.lnf + r0 * c.C, M.w.tok_emb, N, c.C, c.V));
+    OP(matmul_forward(S.logits + r0 * c.V, S.lnf + r0 * c.C, M.w.tok_emb, S.wt ? S.wt->tok_emb : nullptr, N, c.C, c.V));
     if (S.train)
         OP(crossentropy_forward(S.losses + r0, S.probs + r0 * c.V, S.logits + r0 * c.V, S.targets + r0, S.weight + r0,
                                 N, c.V));
@@ -794,7 +800,7 @@ static int select_forward(int* sel, float* scores, const float* att, int s, int 
 
 // 2. gather: u[n,b,:] = [ K[sel[n,b], b, :] | V[sel[n,b], b, :] ]      u (nS,B,2C), K,V (T,B,C)
 static void gather_forward(float* u, const float* K, const float* V, const int* sel, int nS, int B, int C) {
-    #pragma omp parallel for
+    #pragma omp parallel for if ((long)nS * B * C >= PAR_MIN)
     for (long r = 0; r < (long)nS * B; r++) {
         long src = ((long)sel[r] * B + r % B) * C;
         memcpy(u + r * 2 * C, K + src, sizeof(float) * C);
@@ -804,7 +810,7 @@ static void gather_forward(float* u, const float* K, const float* V, const int* 
 // forward copied cache rows into u, so dK[sel] += du[:C], dV[sel] += du[C:]. The positions of one
 // sequence are distinct, so rows never collide.
 static void gather_backward(float* dK, float* dV, const float* du, const int* sel, int nS, int B, int C) {
-    #pragma omp parallel for
+    #pragma omp parallel for if ((long)nS * B * C >= PAR_MIN)
     for (long r = 0; r < (long)nS * B; r++) {
         long dst = ((long)sel[r] * B + r % B) * C;
         for (int c = 0; c < C; c++) {
@@ -819,11 +825,12 @@ static void gather_backward(float* dK, float* dV, const float* du, const int* se
 static void transform_forward(ProcActs& p, const ProcW& w, const Config& c, int nS, int B) {
     int N = nS * B;
     BlockDims d{c.dp, c.nhp, c.dp / c.nhp, c.fp};
-    OP(matmul_forward(p.xs[0], p.u, w.w_in, N, 2 * c.C, c.dp));
+    OP(matmul_forward(p.xs[0], p.u, w.w_in, nullptr, N, 2 * c.C, c.dp));
     for (int i = 0; i < c.np; i++)
-        block_forward(p.xs[i + 1], p.blocks[i], p.xs[i], w.blocks[i], d, p.sel, 0, nS, B, nS, 0, c.theta, c.eps);
+        block_forward(p.xs[i + 1], p.blocks[i], p.xs[i], w.blocks[i], nullptr, d, p.sel, 0, nS, B, nS, 0, c.theta,
+                      c.eps);
     OP(rmsnorm_forward(p.lnf, p.rstdf, p.xs[c.np], w.final_norm, N, c.dp, c.eps));
-    OP(matmul_forward(p.delta, p.lnf, w.w_out, N, c.dp, 2 * c.C));
+    OP(matmul_forward(p.delta, p.lnf, w.w_out, nullptr, N, c.dp, 2 * c.C));
 }
 // the backward of transform_forward: ddelta -> du (accumulated) and the weight grads gw
 static void transform_backward(float* du, ProcW& gw, RunState& S, const ProcW& w, const Config& c, int nS, int B) {
@@ -848,7 +855,7 @@ static float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
 static void write_back_forward(float* K, float* V, const float* delta, const float* gate, const int* sel, int nS,
                                int B, int C) {
     float sg = sigmoidf(gate[0]);
-    #pragma omp parallel for
+    #pragma omp parallel for if ((long)nS * B * C >= PAR_MIN)
     for (long r = 0; r < (long)nS * B; r++) {
         long dst = ((long)sel[r] * B + r % B) * C;
         for (int c = 0; c < C; c++) {
@@ -1406,7 +1413,25 @@ struct Decoder {
     int next_pos = 0;            // position of the next token (slots and positions part when evicting)
     std::vector<float> score;    // (T) attention each slot has received, summed over layers, heads, queries
     std::vector<int> keep;       // (T) scratch for the slots kept
+    // the model's matrices transposed once (S.wt points here), so that a one-row matmul does not
+    // transpose its weight every token; the model must not change while the decoder lives
+    std::vector<float> wt_mem;   // (n_params)
+    Weights wt;
 };
+
+// wt_mem = every tensor of M at its own offset, each matrix (rows, cols) stored as (cols, rows)
+static void transpose_weights(const Model& M, std::vector<float>& wt_mem, Weights& wt) {
+    wt_mem.assign(M.n_params, 0.0f);
+    for (const ParamInfo& p : M.table) {
+        const float* src = M.params.data() + p.offset;
+        float* dst = wt_mem.data() + p.offset;
+        if (p.shape.size() != 2) { copy_floats(dst, src, p.numel); continue; }
+        int rows = p.shape[0], cols = p.shape[1];
+        for (int i = 0; i < rows; i++)
+            for (int j = 0; j < cols; j++) dst[(long)j * rows + i] = src[(long)i * cols + j];
+    }
+    layout_params(M.cfg, &wt, wt_mem.data(), nullptr);
+}
 
 static void decoder_init(Decoder& D, const Model& M, int evict = 0) {
     D.M = &M;
@@ -1415,6 +1440,10 @@ static void decoder_init(Decoder& D, const Model& M, int evict = 0) {
     if (evict > 0 && D.use_proc) BAD_INPUT("eviction is a baseline for a vanilla model; this one has a processor");
     if (evict > 0 && g_device) BAD_INPUT("--evict runs on the CPU only: drop --device cuda");
     D.evict = evict;
+    if (!g_device) {   // the device's matmuls read W itself
+        transpose_weights(M, D.wt_mem, D.wt);
+        D.S.wt = &D.wt;
+    }
     D.score.assign(M.cfg.T, 0.0f);
     D.keep.assign(M.cfg.T, 0);
 }
@@ -2130,12 +2159,7 @@ static std::string build_flags() {
 #else
     s += ", no OpenMP";
 #endif
-#ifdef __AVX2__
-    s += ", AVX2";
-#endif
-#ifdef __FMA__
-    s += ", FMA";
-#endif
+    s += std::string(", ") + SIMD_NAME;
 #ifdef BT_DEVICE
     s += g_device ? ", device cuda: " + device_name() : ", CUDA built in (--device cpu)";
 #endif
@@ -3178,7 +3202,7 @@ static void probe_predict(std::vector<float>& probs, const Probe& P, const float
     std::vector<int> tgt(N, 0);
     probe_features(z, P, x, N);
     probs.resize((size_t)N * P.K);
-    matmul_forward(logits.data(), z.data(), P.W.data(), (int)N, P.D + 1, P.K);
+    matmul_forward(logits.data(), z.data(), P.W.data(), nullptr, (int)N, P.D + 1, P.K);
     crossentropy_forward(loss.data(), probs.data(), logits.data(), tgt.data(), w.data(), (int)N, P.K);
 }
 
@@ -3241,7 +3265,7 @@ static ProbeFit probe_fit(const float* x, const int* y, const char* is_test, lon
                 yb[i] = y[train[order[b0 + i]]];
                 w[i] = 1.0f / nb;
             }
-            matmul_forward(logits.data(), zb.data(), P.W.data(), nb, D1, K);
+            matmul_forward(logits.data(), zb.data(), P.W.data(), nullptr, nb, D1, K);
             crossentropy_forward(loss.data(), probs.data(), logits.data(), yb.data(), w.data(), nb, K);
             zero(dlogits.data(), (long)nb * K);
             crossentropy_backward(dlogits.data(), probs.data(), yb.data(), w.data(), 1.0f, nb, K);
@@ -3784,7 +3808,7 @@ static double bench_matmul(int N, int IC, int OC, bool fast, double seconds) {
     long reps = 0;
     double t0 = now_seconds(), t;
     do {
-        if (fast || g_device) OP(matmul_forward(po, pi, pw, N, IC, OC));
+        if (fast || g_device) OP(matmul_forward(po, pi, pw, nullptr, N, IC, OC));
         else matmul_forward_naive(po, pi, pw, N, IC, OC);
         device_sync();
         reps++;

@@ -1,6 +1,6 @@
 // kernels.cu -- CUDA versions of the ops in tensor.hpp (forward and backward) and of the Cache
 // Processor's steps in bt.cpp, one plain kernel per op, launched by a function with the CPU op's
-// name and argument list in namespace cuda:  cuda::matmul_forward(out, inp, W, N, IC, OC).
+// name and argument list in namespace cuda:  cuda::matmul_forward(out, inp, W, WT, N, IC, OC).
 // Every pointer a launcher takes is a device pointer. bt --device cuda (make USE_CUDA=1) runs the
 // whole model through these launchers: bt.cpp's OP(call) picks cuda::call instead of the CPU op.
 // A few launchers exist for that alone: clipping (after adamw_update), the undo log's restore,
@@ -88,10 +88,11 @@ __global__ void matmul_forward_kernel(float* out, const float* inp, const float*
     if (i >= (long)N * OC) return;
     long n = i / OC, o = i % OC;
     float acc = 0.0f;
-    for (int k = 0; k < IC; k++) acc += inp[n * IC + k] * W[o * IC + k];
+    for (int k = 0; k < IC; k++) acc = fmaf(inp[n * IC + k], W[o * IC + k], acc);
     out[i] = acc;
 }
-void matmul_forward(float* out, const float* inp, const float* W, int N, int IC, int OC) {
+// WT (the CPU's transposed copy of W, for its one-row matmuls) is not used here: W is read as stored
+void matmul_forward(float* out, const float* inp, const float* W, const float* /*WT*/, int N, int IC, int OC) {
     LAUNCH(matmul_forward_kernel, blocks_for((long)N * OC), THREADS, out, inp, W, N, IC, OC);
     check_launch();
 }
@@ -103,7 +104,7 @@ __global__ void matmul_backward_input_kernel(float* dinp, const float* dout, con
     if (i >= (long)N * IC) return;
     long n = i / IC, k = i % IC;
     float acc = 0.0f;
-    for (int o = 0; o < OC; o++) acc += dout[n * OC + o] * W[(long)o * IC + k];
+    for (int o = 0; o < OC; o++) acc = fmaf(dout[n * OC + o], W[(long)o * IC + k], acc);
     dinp[i] += acc;
 }
 //   dW[o, k] += sum_n dout[n,o] * inp[n,k]     one thread per weight (o, k), summing rows n in order
@@ -112,7 +113,7 @@ __global__ void matmul_backward_weight_kernel(float* dW, const float* dout, cons
     if (i >= (long)OC * IC) return;
     long o = i / IC, k = i % IC;
     float acc = 0.0f;
-    for (int n = 0; n < N; n++) acc += dout[(long)n * OC + o] * inp[(long)n * IC + k];
+    for (int n = 0; n < N; n++) acc = fmaf(dout[(long)n * OC + o], inp[(long)n * IC + k], acc);
     dW[i] += acc;
 }
 void matmul_backward(float* dinp, float* dW, const float* dout, const float* inp, const float* W,

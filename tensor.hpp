@@ -8,7 +8,9 @@
 //   * a weight-gradient pointer may be nullptr: that gradient is skipped (a frozen weight).
 //   * OpenMP only over independent outputs (rows of out, output channels of dW, (b,h) in
 //     attention), so no float sum is split across threads: results are bit-identical for any
-//     OMP_NUM_THREADS.
+//     OMP_NUM_THREADS; and only around enough work to pay for the threads (PAR_MIN).
+//   * each sum in an order the code fixes, multiply-adds as explicit fmaf: the same bits for any
+//     vector width (AVX-512, AVX2, plain loops) and compile target (see "The same numbers").
 //   * matrices are stored [out_features, in_features] as in PyTorch's nn.Linear: y = x W^T.
 //
 // Activations in bt are "time-major": row r = t*B + b for position t and batch element b, so the
@@ -24,10 +26,22 @@
 #endif
 
 // ----------------------------------------------------------------------------------------------
+// The same numbers on every machine. The Makefile builds with -ffp-contract=off, so the compiler
+// never fuses a*b + c on its own (where it would, and how, depends on the target). Every
+// multiply-add that should be one rounding is written as fmaf / vfma, and every sum runs in an
+// order fixed by the code, never by the vector width: a 16-lane AVX-512 machine, an 8-lane AVX2
+// one and the plain loops give the same bits.
+//
+// Threads only where they pay: a parallel region costs microseconds to open and close, more
+// than a decoding step's whole row of work. Each op asks for threads only from PAR_MIN
+// multiply-adds (or elements) up.
+static const long PAR_MIN = 1 << 18;
+
+// ----------------------------------------------------------------------------------------------
 // Embedding: out[r, :] = emb[tok[r], :]
 // out (N,C), tok (N), emb (V,C)
 inline void embedding_forward(float* out, const int* tok, const float* emb, int N, int C) {
-    #pragma omp parallel for
+    #pragma omp parallel for if ((long)N * C >= PAR_MIN)
     for (int r = 0; r < N; r++) {
         const float* e = emb + (long)tok[r] * C;
         for (int c = 0; c < C; c++) out[(long)r * C + c] = e[c];
@@ -44,155 +58,207 @@ inline void embedding_backward(float* demb, const float* dout, const int* tok, i
     }
 }
 
-// ----------------------------------------------------------------------------------------------
-// dot(x, y) over n floats, in 8 interleaved partial sums so the compiler can vectorise it (the
-// order is fixed, so the result is still deterministic).
+// dot(x, y) over n floats, in 8 interleaved partial sums p[u] (u = i mod 8) added pairwise at the
+// end: a fixed order that the compiler vectorises at any width.
 inline float dot8(const float* x, const float* y, int n) {
     float p[8] = {};
     int i = 0;
     for (; i + 8 <= n; i += 8)
-        for (int u = 0; u < 8; u++) p[u] += x[i + u] * y[i + u];
+        for (int u = 0; u < 8; u++) p[u] = fmaf(x[i + u], y[i + u], p[u]);
     float s = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
-    for (; i < n; i++) s += x[i] * y[i];
+    for (; i < n; i++) s = fmaf(x[i], y[i], s);
     return s;
 }
+
+// ---- vectors of VW floats: load, store, broadcast, add, and a fused multiply-add (a*b + c,
+// rounded once). AVX-512 (16 lanes) or AVX2 with FMA (8 lanes) when the target has them; the
+// plain fallback is 8 floats with fmaf per lane, the same numbers, slowly.
+#if defined(__AVX512F__)
+#include <immintrin.h>
+static const int VW = 16;
+static const char* const SIMD_NAME = "AVX-512 (16 lanes), FMA";
+typedef __m512 vfloat;
+inline vfloat vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, vfloat x) { _mm512_storeu_ps(p, x); }
+inline vfloat vbroadcast(float x) { return _mm512_set1_ps(x); }
+inline vfloat vzero() { return _mm512_setzero_ps(); }
+inline vfloat vadd(vfloat a, vfloat b) { return _mm512_add_ps(a, b); }
+inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_ps(a, b, c); }
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+static const int VW = 8;
+static const char* const SIMD_NAME = "AVX2 (8 lanes), FMA";
+typedef __m256 vfloat;
+inline vfloat vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, vfloat x) { _mm256_storeu_ps(p, x); }
+inline vfloat vbroadcast(float x) { return _mm256_set1_ps(x); }
+inline vfloat vzero() { return _mm256_setzero_ps(); }
+inline vfloat vadd(vfloat a, vfloat b) { return _mm256_add_ps(a, b); }
+inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm256_fmadd_ps(a, b, c); }
+#else
+static const int VW = 8;
+static const char* const SIMD_NAME = "no AVX2+FMA: plain loops (the same numbers, slower)";
+struct vfloat { float x[8]; };
+inline vfloat vload(const float* p) { vfloat v; memcpy(v.x, p, sizeof v.x); return v; }
+inline void vstore(float* p, vfloat v) { memcpy(p, v.x, sizeof v.x); }
+inline vfloat vbroadcast(float x) { vfloat v; for (int u = 0; u < 8; u++) v.x[u] = x; return v; }
+inline vfloat vzero() { return vbroadcast(0.0f); }
+inline vfloat vadd(vfloat a, vfloat b) { for (int u = 0; u < 8; u++) a.x[u] += b.x[u]; return a; }
+inline vfloat vfma(vfloat a, vfloat b, vfloat c) { for (int u = 0; u < 8; u++) c.x[u] = fmaf(a.x[u], b.x[u], c.x[u]); return c; }
+#endif
 
 // ----------------------------------------------------------------------------------------------
 // Matmul (a linear layer without bias): out[n, o] = sum_k inp[n, k] * W[o, k]
 // out (N,OC), inp (N,IC), W (OC,IC)
+// Every output, in every path below, is one sum from zero over k = 0, 1, ... in order, each term
+// added by an fma; a backward then adds that sum to the gradient. So the fast paths equal these
+// naive loops bit for bit, at any vector width and thread count.
 //
 // matmul_forward_naive is the reference: one dot product per output.
 inline void matmul_forward_naive(float* out, const float* inp, const float* W, int N, int IC, int OC) {
-    #pragma omp parallel for
+    #pragma omp parallel for if ((long)N * OC * IC >= PAR_MIN)
     for (int n = 0; n < N; n++) {
         for (int o = 0; o < OC; o++) {
             float acc = 0.0f;
-            for (int k = 0; k < IC; k++) acc += inp[(long)n * IC + k] * W[(long)o * IC + k];
+            for (int k = 0; k < IC; k++) acc = fmaf(inp[(long)n * IC + k], W[(long)o * IC + k], acc);
             out[(long)n * OC + o] = acc;
         }
     }
 }
 
 // matmul_backward_naive is its reference backward. forward did out[n,o] = sum_k inp[n,k] W[o,k], so
-//   dinp[n, :] += sum_o dout[n,o] * W[o, :]      (rows of dinp are independent: parallel over n)
-//   dW[o, :]   += sum_n dout[n,o] * inp[n, :]    (rows of dW are independent: parallel over o)
+//   dinp[n, k] += sum_o dout[n,o] * W[o,k]      (rows of dinp are independent: parallel over n)
+//   dW[o, k]   += sum_n dout[n,o] * inp[n,k]    (rows of dW are independent: parallel over o)
 inline void matmul_backward_naive(float* dinp, float* dW, const float* dout, const float* inp, const float* W,
                                   int N, int IC, int OC) {
+    bool par = (long)N * OC * IC >= PAR_MIN;
     if (dinp) {
-        #pragma omp parallel for
+        #pragma omp parallel for if (par)
         for (int n = 0; n < N; n++)
-            for (int o = 0; o < OC; o++) {
-                float d = dout[(long)n * OC + o];
-                for (int k = 0; k < IC; k++) dinp[(long)n * IC + k] += d * W[(long)o * IC + k];
+            for (int k = 0; k < IC; k++) {
+                float acc = 0.0f;
+                for (int o = 0; o < OC; o++) acc = fmaf(dout[(long)n * OC + o], W[(long)o * IC + k], acc);
+                dinp[(long)n * IC + k] += acc;
             }
     }
     if (dW) {
-        #pragma omp parallel for
+        #pragma omp parallel for if (par)
         for (int o = 0; o < OC; o++)
-            for (int n = 0; n < N; n++) {
-                float d = dout[(long)n * OC + o];
-                for (int k = 0; k < IC; k++) dW[(long)o * IC + k] += d * inp[(long)n * IC + k];
+            for (int k = 0; k < IC; k++) {
+                float acc = 0.0f;
+                for (int n = 0; n < N; n++) acc = fmaf(dout[(long)n * OC + o], inp[(long)n * IC + k], acc);
+                dW[(long)o * IC + k] += acc;
             }
     }
 }
 
-// ---- the fast path: all three products are one row-major kernel, C (+)= A Bm,
-//   C (M,Nc), A (M,K), Bm (K,Nc)
-// computed on tiles of 6 rows x 16 columns held in registers: 12 accumulators of 8 floats (GCC's
-// vector extension, one AVX2 register each; clang reads it too). For each k, two vectors of Bm's
-// row k times each of the 6 numbers A[i,k]. Written as plain float loops the compiler kept the
-// accumulators in memory and ran at half the speed. Each output is still summed in k order from
-// zero, then stored (or added, for the gradients).
-static const int MM_TR = 6, MM_TC = 16;
-typedef float v8f __attribute__((vector_size(32)));   // 8 floats
-inline v8f load8(const float* p) { v8f v; memcpy(&v, p, sizeof v); return v; }
+// ---- the fast path: all three products are one kernel, C (M,Nc) (+)= A (M,K) Bm (K,Nc), where
+// Bm is row-major and A is read through two strides, A(i,k) = A[i*ars + k*aks], so that dout^T
+// is a view, not a copy. Tiles of up to MM_TR rows x 2 vectors of columns keep their 12
+// accumulators in vector registers; for each k: two vectors of Bm's row k, each times A(i,k).
+static const int MM_TR = 6;
 
-inline void gemm_tile(float* C, int ldc, const float* A, int lda, const float* Bm, int ldb, int K, int add) {
-    v8f acc[MM_TR][2] = {};   // acc[i][h] = C[i, 8h .. 8h+7]
+// one tile: rows i < mr, vectors h < nv (both at most MM_TR, 2). always_inline, and called with
+// literal mr and nv, so each call site unrolls into straight-line register code.
+__attribute__((always_inline)) inline void gemm_tile(float* C, int ldc, const float* A, long ars, long aks,
+                                                     const float* Bm, int ldb, int K, int add, int mr, int nv) {
+    vfloat acc[MM_TR][2];
+    for (int i = 0; i < mr; i++)
+        for (int h = 0; h < nv; h++) acc[i][h] = vzero();
     for (int k = 0; k < K; k++) {
-        v8f w0 = load8(Bm + (long)k * ldb), w1 = load8(Bm + (long)k * ldb + 8);
-        for (int i = 0; i < MM_TR; i++) {
-            float a = A[(long)i * lda + k];
-            acc[i][0] += a * w0;
-            acc[i][1] += a * w1;
+        vfloat b[2];
+        for (int h = 0; h < nv; h++) b[h] = vload(Bm + (long)k * ldb + h * VW);
+        for (int i = 0; i < mr; i++) {
+            vfloat a = vbroadcast(A[i * ars + k * aks]);
+            for (int h = 0; h < nv; h++) acc[i][h] = vfma(a, b[h], acc[i][h]);
         }
     }
-    for (int i = 0; i < MM_TR; i++) {
-        float row[MM_TC];
-        memcpy(row, acc[i], sizeof row);
-        for (int j = 0; j < MM_TC; j++) C[(long)i * ldc + j] = (add ? C[(long)i * ldc + j] : 0.0f) + row[j];
-    }
+    for (int i = 0; i < mr; i++)
+        for (int h = 0; h < nv; h++) {
+            float* c = C + (long)i * ldc + h * VW;
+            vstore(c, add ? vadd(vload(c), acc[i][h]) : acc[i][h]);
+        }
 }
 
-// a ragged edge: rows [m0,m1) x columns [j0,j1), one sum per output
-inline void gemm_edge(float* C, int ldc, const float* A, int lda, const float* Bm, int ldb, int K, int add,
-                      int m0, int m1, int j0, int j1) {
+// a tile of mr rows (1..MM_TR, from a runtime count) and nv vectors (1, 2)
+inline void gemm_tile_rows(float* C, int ldc, const float* A, long ars, long aks, const float* Bm, int ldb, int K,
+                           int add, int mr, int nv) {
+    #define BT_TILE(R) \
+        (nv == 2 ? gemm_tile(C, ldc, A, ars, aks, Bm, ldb, K, add, R, 2) : gemm_tile(C, ldc, A, ars, aks, Bm, ldb, K, add, R, 1))
+    switch (mr) {
+        case 1: BT_TILE(1); break;
+        case 2: BT_TILE(2); break;
+        case 3: BT_TILE(3); break;
+        case 4: BT_TILE(4); break;
+        case 5: BT_TILE(5); break;
+        default: BT_TILE(MM_TR); break;
+    }
+    #undef BT_TILE
+}
+
+// the last Nc mod VW columns, [j0,Nc): one scalar fma chain per output, the tile's order
+inline void gemm_columns(float* C, int ldc, const float* A, long ars, long aks, const float* Bm, int ldb, int K,
+                         int add, int m0, int m1, int j0, int j1) {
     for (int m = m0; m < m1; m++)
         for (int j = j0; j < j1; j++) {
             float acc = 0.0f;
-            for (int k = 0; k < K; k++) acc += A[(long)m * lda + k] * Bm[(long)k * ldb + j];
+            for (int k = 0; k < K; k++) acc = fmaf(A[m * ars + k * aks], Bm[(long)k * ldb + j], acc);
             C[(long)m * ldc + j] = (add ? C[(long)m * ldc + j] : 0.0f) + acc;
         }
 }
 
-// C (M,Nc) (+)= A (M,K) Bm (K,Nc); tiles are independent outputs, so they split across threads
-inline void gemm(float* C, const float* A, const float* Bm, int M, int K, int Nc, int add) {
-    int ntr = (M + MM_TR - 1) / MM_TR, ntc = (Nc + MM_TC - 1) / MM_TC;
-    #pragma omp parallel for collapse(2)
+// C (M,Nc) (+)= A Bm; tiles are independent outputs, so they split across threads
+inline void gemm(float* C, const float* A, long ars, long aks, const float* Bm, int M, int K, int Nc, int add) {
+    int TC = 2 * VW;                                   // columns per tile
+    int ntr = (M + MM_TR - 1) / MM_TR, ntc = (Nc + TC - 1) / TC;
+    #pragma omp parallel for collapse(2) if ((long)M * K * Nc >= PAR_MIN)
     for (int ti = 0; ti < ntr; ti++)
         for (int tj = 0; tj < ntc; tj++) {
-            int m0 = ti * MM_TR, j0 = tj * MM_TC;
-            int m1 = m0 + MM_TR < M ? m0 + MM_TR : M, j1 = j0 + MM_TC < Nc ? j0 + MM_TC : Nc;
-            if (m1 - m0 == MM_TR && j1 - j0 == MM_TC)
-                gemm_tile(C + (long)m0 * Nc + j0, Nc, A + (long)m0 * K, K, Bm + j0, Nc, K, add);
-            else
-                gemm_edge(C, Nc, A, K, Bm, Nc, K, add, m0, m1, j0, j1);
+            int m0 = ti * MM_TR, j0 = tj * TC;
+            int mr = M - m0 < MM_TR ? M - m0 : MM_TR;
+            int nc = Nc - j0 < TC ? Nc - j0 : TC;      // columns in this tile
+            int nv = nc / VW;                           // whole vectors among them
+            float* c = C + (long)m0 * Nc + j0;
+            if (nv > 0) gemm_tile_rows(c, Nc, A + m0 * ars, ars, aks, Bm + j0, Nc, K, add, mr, nv);
+            if (nv * VW < nc) gemm_columns(C, Nc, A, ars, aks, Bm, Nc, K, add, m0, m0 + mr, j0 + nv * VW, j0 + nc);
         }
 }
 
 // out[j, i] = in[i, j]: a (cols, rows) copy of in (rows, cols), in a per-thread scratch
-inline float* transposed(const float* in, int rows, int cols, int slot) {
-    thread_local std::vector<float> scratch[2];
-    std::vector<float>& s = scratch[slot];
-    if (s.size() < (size_t)rows * cols) s.resize((size_t)rows * cols);
-    float* out = s.data();
-    #pragma omp parallel for
+inline float* transposed(const float* in, int rows, int cols) {
+    thread_local std::vector<float> scratch;
+    if (scratch.size() < (size_t)rows * cols) scratch.resize((size_t)rows * cols);
+    float* out = scratch.data();
+    #pragma omp parallel for if ((long)rows * cols >= 16 * PAR_MIN)
     for (int j = 0; j < cols; j++)
         for (int i = 0; i < rows; i++) out[(long)j * rows + i] = in[(long)i * cols + j];
     return out;
 }
 
-// the few-rows path (decoding feeds one row at a time): the naive loop with each dot product in
-// 8 interleaved partial sums (dot8), which vectorises, and the outputs split across threads
-inline void matmul_forward_rows(float* out, const float* inp, const float* W, int N, int IC, int OC) {
-    #pragma omp parallel for collapse(2) if ((long)N * OC * IC >= 32768)
-    for (int n = 0; n < N; n++)
-        for (int o = 0; o < OC; o++) out[(long)n * OC + o] = dot8(inp + (long)n * IC, W + (long)o * IC, IC);
+// out = inp W^T: Bm = W^T (IC,OC). WT, when not nullptr, is that transpose made once by the caller
+// (a decoder keeps one per weight: its weights do not change while it decodes); else it is made
+// here, a cost of IC*OC copies against N*IC*OC multiply-adds.
+inline void matmul_forward(float* out, const float* inp, const float* W, const float* WT, int N, int IC, int OC) {
+    gemm(out, inp, IC, 1, WT ? WT : transposed(W, OC, IC), N, IC, OC, 0);
 }
 
-// out = inp W^T: Bm = W^T (IC,OC)
-inline void matmul_forward(float* out, const float* inp, const float* W, int N, int IC, int OC) {
-    if (N < MM_TR || OC < MM_TC) { matmul_forward_rows(out, inp, W, N, IC, OC); return; }
-    gemm(out, inp, transposed(W, OC, IC, 0), N, IC, OC, 0);
-}
-
-// dinp += dout W (Bm = W as stored, (OC,IC));  dW += dout^T inp (A = dout^T (OC,N), Bm = inp)
+// dinp += dout W (A = dout (N,OC), Bm = W as stored, (OC,IC));
+// dW += dout^T inp (A = dout^T, read in place with strides (1, OC); Bm = inp (N,IC))
 inline void matmul_backward(float* dinp, float* dW, const float* dout, const float* inp, const float* W,
                             int N, int IC, int OC) {
-    if (N < MM_TR || IC < MM_TC || OC < MM_TR) { matmul_backward_naive(dinp, dW, dout, inp, W, N, IC, OC); return; }
-    if (dinp) gemm(dinp, dout, W, N, OC, IC, 1);
-    if (dW) gemm(dW, transposed(dout, N, OC, 1), inp, OC, N, IC, 1);
+    if (dinp) gemm(dinp, dout, OC, 1, W, N, OC, IC, 1);
+    if (dW) gemm(dW, dout, 1, OC, inp, OC, N, IC, 1);
 }
 
 // ----------------------------------------------------------------------------------------------
 // RMSNorm: rstd[n] = 1 / sqrt(mean_c inp[n,c]^2 + eps);  out[n,c] = inp[n,c] * rstd[n] * w[c]
 // out (N,C), rstd (N), inp (N,C), w (C)
 inline void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* w, int N, int C, float eps) {
-    #pragma omp parallel for
+    #pragma omp parallel for if ((long)N * C >= PAR_MIN)
     for (int n = 0; n < N; n++) {
         const float* x = inp + (long)n * C;
         float ss = 0.0f;
-        for (int c = 0; c < C; c++) ss += x[c] * x[c];
+        for (int c = 0; c < C; c++) ss = fmaf(x[c], x[c], ss);
         float r = 1.0f / sqrtf(ss / C + eps);
         rstd[n] = r;
         for (int c = 0; c < C; c++) out[(long)n * C + c] = x[c] * r * w[c];
@@ -201,24 +267,30 @@ inline void rmsnorm_forward(float* out, float* rstd, const float* inp, const flo
 
 // forward did out = x * r * w with r = (mean x^2 + eps)^-1/2, so with g = dout * w:
 //   dx[c] += r * g[c] - x[c] * r^3 * (sum_c' g[c'] x[c']) / C
-//   dw[c] += sum_n dout[n,c] * x[n,c] * r[n]   (parallel over c: each thread owns its channels)
+//   dw[c] += sum_n dout[n,c] * x[n,c] * r[n]   (each channel's sum in n order; threads own channels)
 inline void rmsnorm_backward(float* dinp, float* dw, const float* dout, const float* inp, const float* w,
                              const float* rstd, int N, int C) {
-    #pragma omp parallel for
+    bool par = (long)N * C >= PAR_MIN;
+    #pragma omp parallel for if (par)
     for (int n = 0; n < N; n++) {
         const float* x = inp + (long)n * C;
         const float* go = dout + (long)n * C;
         float r = rstd[n], dot = 0.0f;
-        for (int c = 0; c < C; c++) dot += go[c] * w[c] * x[c];
+        for (int c = 0; c < C; c++) dot = fmaf(go[c] * w[c], x[c], dot);
         float* dx = dinp + (long)n * C;
         for (int c = 0; c < C; c++) dx[c] += r * go[c] * w[c] - x[c] * r * r * r * dot / C;
     }
     if (dw) {
-        #pragma omp parallel for
-        for (int c = 0; c < C; c++) {
-            float acc = 0.0f;
-            for (int n = 0; n < N; n++) acc += dout[(long)n * C + c] * inp[(long)n * C + c] * rstd[n];
-            dw[c] += acc;
+        // rows n outer, a block of 64 channels inner: the row is read in order and the 64 sums
+        // (each still over n in order) vectorise
+        const int CB = 64;
+        #pragma omp parallel for if (par)
+        for (int c0 = 0; c0 < C; c0 += CB) {
+            int c1 = c0 + CB < C ? c0 + CB : C;
+            float acc[CB] = {};
+            for (int n = 0; n < N; n++)
+                for (int c = c0; c < c1; c++) acc[c - c0] = fmaf(dout[(long)n * C + c] * inp[(long)n * C + c], rstd[n], acc[c - c0]);
+            for (int c = c0; c < c1; c++) dw[c] += acc[c - c0];
         }
     }
 }
@@ -236,7 +308,7 @@ inline void rope_angle(float* c, float* s, int pos, int i, int HS, float theta) 
 
 inline void rope_forward(float* out, const float* inp, const int* pos, int N, int NH, int HS, float theta) {
     int h = HS / 2;
-    #pragma omp parallel for
+    #pragma omp parallel for if ((long)N * NH * HS >= PAR_MIN)
     for (int n = 0; n < N; n++) {
         for (int i = 0; i < h; i++) {
             float c, s;
@@ -255,7 +327,7 @@ inline void rope_forward(float* out, const float* inp, const int* pos, int N, in
 //   dx[i] += dout[i] cos a + dout[i+h] sin a ;  dx[i+h] += -dout[i] sin a + dout[i+h] cos a
 inline void rope_backward(float* dinp, const float* dout, const int* pos, int N, int NH, int HS, float theta) {
     int h = HS / 2;
-    #pragma omp parallel for
+    #pragma omp parallel for if ((long)N * NH * HS >= PAR_MIN)
     for (int n = 0; n < N; n++) {
         for (int i = 0; i < h; i++) {
             float c, s;
@@ -282,7 +354,7 @@ inline void attention_forward(float* out, float* att, const float* q, const floa
                               int Tq, int Tk, int ld, int q0, int causal, int B, int NH, int HS) {
     int C = NH * HS;
     float scale = 1.0f / sqrtf((float)HS);
-    #pragma omp parallel for collapse(3)
+    #pragma omp parallel for collapse(3) if ((long)Tq * B * NH * Tk * HS >= PAR_MIN)
     for (int i = 0; i < Tq; i++)
         for (int b = 0; b < B; b++)
             for (int h = 0; h < NH; h++) {
@@ -305,7 +377,7 @@ inline void attention_forward(float* out, float* att, const float* q, const floa
                 for (int d = 0; d < HS; d++) oi[d] = 0.0f;
                 for (int j = 0; j < nk; j++) {
                     const float* vj = v + ((long)j * B + b) * C + h * HS;
-                    for (int d = 0; d < HS; d++) oi[d] += a[j] * vj[d];
+                    for (int d = 0; d < HS; d++) oi[d] = fmaf(a[j], vj[d], oi[d]);
                 }
             }
 }
@@ -320,7 +392,7 @@ inline void attention_backward(float* dq, float* dk, float* dv, const float* dou
                                int Tq, int Tk, int ld, int q0, int causal, int B, int NH, int HS) {
     int C = NH * HS;
     float scale = 1.0f / sqrtf((float)HS);
-    #pragma omp parallel
+    #pragma omp parallel if ((long)Tq * B * NH * Tk * HS >= PAR_MIN)
     {
         thread_local std::vector<float> da;   // (Tk) da_j of the current query
         if ((int)da.size() < Tk) da.resize(Tk);
@@ -336,15 +408,15 @@ inline void attention_backward(float* dq, float* dk, float* dv, const float* dou
                     float adot = 0.0f;
                     for (int j = 0; j < nk; j++) {
                         da[j] = dot8(go, v + ((long)j * B + b) * C + h * HS, HS);
-                        adot += a[j] * da[j];
+                        adot = fmaf(a[j], da[j], adot);
                     }
                     for (int j = 0; j < nk; j++) {
                         long rj = ((long)j * B + b) * C + h * HS;
                         float ds = a[j] * (da[j] - adot) * scale;
                         for (int d = 0; d < HS; d++) {
-                            dq[ro + d] += ds * k[rj + d];
-                            dk[rj + d] += ds * q[ro + d];
-                            dv[rj + d] += a[j] * go[d];
+                            dq[ro + d] = fmaf(ds, k[rj + d], dq[ro + d]);
+                            dk[rj + d] = fmaf(ds, q[ro + d], dk[rj + d]);
+                            dv[rj + d] = fmaf(a[j], go[d], dv[rj + d]);
                         }
                     }
                 }
@@ -354,7 +426,7 @@ inline void attention_backward(float* dq, float* dk, float* dv, const float* dou
 // ----------------------------------------------------------------------------------------------
 // SwiGLU gate: out = silu(h1) * h3, silu(x) = x * sigmoid(x).   out, h1, h3 (N)
 inline void swiglu_forward(float* out, const float* h1, const float* h3, long N) {
-    #pragma omp parallel for
+    #pragma omp parallel for if (N >= PAR_MIN)
     for (long i = 0; i < N; i++) {
         float sg = 1.0f / (1.0f + expf(-h1[i]));
         out[i] = h1[i] * sg * h3[i];
@@ -364,7 +436,7 @@ inline void swiglu_forward(float* out, const float* h1, const float* h3, long N)
 // forward did out = h1 sigma(h1) h3, so
 //   dh3 += dout * h1 sigma(h1) ;  dh1 += dout * h3 * sigma(h1) (1 + h1 (1 - sigma(h1)))
 inline void swiglu_backward(float* dh1, float* dh3, const float* dout, const float* h1, const float* h3, long N) {
-    #pragma omp parallel for
+    #pragma omp parallel for if (N >= PAR_MIN)
     for (long i = 0; i < N; i++) {
         float sg = 1.0f / (1.0f + expf(-h1[i]));
         dh3[i] += dout[i] * h1[i] * sg;
@@ -375,12 +447,12 @@ inline void swiglu_backward(float* dh1, float* dh3, const float* dout, const flo
 // ----------------------------------------------------------------------------------------------
 // Residual add: out = a + b   (N)
 inline void residual_forward(float* out, const float* a, const float* b, long N) {
-    #pragma omp parallel for
+    #pragma omp parallel for if (N >= PAR_MIN)
     for (long i = 0; i < N; i++) out[i] = a[i] + b[i];
 }
 // forward did out = a + b, so da += dout and db += dout
 inline void residual_backward(float* da, float* db, const float* dout, long N) {
-    #pragma omp parallel for
+    #pragma omp parallel for if (N >= PAR_MIN)
     for (long i = 0; i < N; i++) { da[i] += dout[i]; db[i] += dout[i]; }
 }
 
@@ -390,7 +462,7 @@ inline void residual_backward(float* da, float* db, const float* dout, long N) {
 // probs, logits (N,V); loss, weight (N); target (N)
 inline void crossentropy_forward(float* loss, float* probs, const float* logits, const int* target,
                                  const float* weight, int N, int V) {
-    #pragma omp parallel for
+    #pragma omp parallel for if ((long)N * V >= PAR_MIN)
     for (int n = 0; n < N; n++) {
         const float* z = logits + (long)n * V;
         float* p = probs + (long)n * V;
@@ -407,7 +479,7 @@ inline void crossentropy_forward(float* loss, float* probs, const float* logits,
 // forward gave weight * -log softmax(z)[y], so dz[i] += weight * (p[i] - [i == y]) * dloss
 inline void crossentropy_backward(float* dlogits, const float* probs, const int* target, const float* weight,
                                   float dloss, int N, int V) {
-    #pragma omp parallel for
+    #pragma omp parallel for if ((long)N * V >= PAR_MIN)
     for (int n = 0; n < N; n++) {
         if (weight[n] == 0.0f) continue;
         float w = weight[n] * dloss;
@@ -423,7 +495,7 @@ inline void crossentropy_backward(float* dlogits, const float* probs, const int*
 inline void adamw_update(float* p, float* m, float* v, const float* g, long N, float lr, float b1, float b2,
                          float eps, float wd, int t) {
     float bc1 = 1.0f - powf(b1, (float)t), bc2 = 1.0f - powf(b2, (float)t);
-    #pragma omp parallel for
+    #pragma omp parallel for if (N >= PAR_MIN)
     for (long i = 0; i < N; i++) {
         p[i] -= lr * wd * p[i];
         m[i] = b1 * m[i] + (1.0f - b1) * g[i];

@@ -132,8 +132,8 @@ static void test_matmul(int N, int IC, int OC) {
     std::string shape = " (" + std::to_string(N) + "x" + std::to_string(IC) + "->" + std::to_string(OC) + ")";
     std::vector<float> inp = randn((long)N * IC), W = randn((long)OC * IC, 0.3f), out = randn((long)N * OC);
     Dev<float> d_inp(inp), d_W(W), d_out(out);
-    matmul_forward(out.data(), inp.data(), W.data(), N, IC, OC);
-    cuda::matmul_forward(d_out.p, d_inp.p, d_W.p, N, IC, OC);
+    matmul_forward(out.data(), inp.data(), W.data(), nullptr, N, IC, OC);
+    cuda::matmul_forward(d_out.p, d_inp.p, d_W.p, nullptr, N, IC, OC);
     check_close("matmul_forward out" + shape, d_out.to_host(), out);
 
     std::vector<float> dout = randn((long)N * OC), dinp = randn((long)N * IC), dW = randn((long)OC * IC);
@@ -663,6 +663,53 @@ TEST_CASE("device path: greedy decoding (generate) gives the CPU's text and logi
                     std::vector<float>(Sc.logits, Sc.logits + (long)T * M0.cfg.V), TOL_MODEL);
     }
 }
+
+// =============================================================================================
+// The order of a launch's CUDA threads (tests/cuda_on_cpu.hpp's NATURAL, REVERSE, SHUFFLED; a GPU
+// has its own order, so the nvcc build skips this). Pass: the same bytes in every order, else two
+// CUDA threads of some kernel write one number (a race).
+// =============================================================================================
+#ifndef __CUDACC__
+// launches in `order` while in scope, shuffled from `seed`; then the natural order again
+struct InOrder {
+    InOrder(CudaOnCpuOrder order, uint64_t seed) { cuda_on_cpu_order = order; cuda_on_cpu_seed = seed; }
+    ~InOrder() { cuda_on_cpu_order = NATURAL; }
+};
+
+TEST_CASE("device path: a training step gives the same bytes in natural, reverse and shuffled thread order") {
+    struct Kind { const char* name; int periodic; bool joint, bptt_step; };
+    Kind kinds[] = {{"bt joint full", 0, true, false}, {"bt frozen step", 0, false, true},
+                    {"bt periodic:5 frozen full", 5, false, false}};
+    struct Order { const char* name; CudaOnCpuOrder order; };
+    Order orders[] = {{"reverse", REVERSE}, {"shuffled", SHUFFLED}};
+    for (const Kind& k : kinds) {
+        Model M0;
+        small_model(M0, true, k.periodic, 31);
+        TrainMode mode;
+        mode.use_proc = true;
+        mode.train_backbone = k.joint;
+        mode.bptt_step = k.bptt_step;
+        OnDevice on;
+        StepOut natural = train_step(M0, mode);
+        for (const Order& o : orders) {
+            StepOut d;
+            {
+                InOrder in_order(o.order, 19);
+                d = train_step(M0, mode);
+            }
+            std::string label = std::string("order ") + k.name + ", " + o.name + " = natural:";
+            check_equal(label + " selections", d.sel, natural.sel);
+            check_equal(label + " logits", d.logits, natural.logits);
+            check_equal(label + " loss, gradient norm", std::vector<float>{d.loss, d.norm},
+                        std::vector<float>{natural.loss, natural.norm});
+            check_equal(label + " gradients", d.grads, natural.grads);
+            check_equal(label + " weights after AdamW", d.params, natural.params);
+            check_equal(label + " AdamW m", d.m, natural.m);
+            check_equal(label + " AdamW v", d.v, natural.v);
+        }
+    }
+}
+#endif
 
 // ---------------------------------------------------------------------------------------------
 int main(int argc, char** argv) {
