@@ -851,7 +851,7 @@ static void transform_backward(float* du, ProcW& gw, RunState& S, const ProcW& w
 }
 
 // 4. write back, in place: K[sel] += sigmoid(g) delta[:C], V[sel] += sigmoid(g) delta[C:]
-static float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
+static float sigmoidf(float x) { return sigmoid_fixed(x); }
 static void write_back_forward(float* K, float* V, const float* delta, const float* gate, const int* sel, int nS,
                                int B, int C) {
     float sg = sigmoidf(gate[0]);

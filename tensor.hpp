@@ -70,6 +70,31 @@ inline float dot8(const float* x, const float* y, int n) {
     return s;
 }
 
+// e^x, written out so that it is one function on every machine (libm's expf is chosen at run time
+// by the CPU it runs on) and so that loops over it vectorise. e^x = 2^n e^r with n = round(x log2 e)
+// and r = x - n ln2 (ln2 in two parts, as Cephes does), e^r by a degree-7 polynomial (Cephes'
+// minimax coefficients for expf), 2^n put into the exponent bits. Within 1 ulp of expf on
+// [-87, 88] (a test checks it); 0 below -87 (expf's last 1e-38 or so), e^88 above 88.
+inline float expf_fixed(float x) {
+    float xc = x < -87.0f ? -87.0f : x > 88.0f ? 88.0f : x;
+    float n = rintf(xc * 1.44269504f);
+    float r = fmaf(n, -0.693359375f, xc);
+    r = fmaf(n, 2.12194440e-4f, r);
+    float p = 1.9875691500e-4f;
+    p = fmaf(p, r, 1.3981999507e-3f);
+    p = fmaf(p, r, 8.3334519073e-3f);
+    p = fmaf(p, r, 4.1665795894e-2f);
+    p = fmaf(p, r, 1.6666665459e-1f);
+    p = fmaf(p, r, 5.0000001201e-1f);
+    p = fmaf(p, r * r, r) + 1.0f;   // e^r = 1 + r + r^2 p(r)
+    int32_t bits;
+    memcpy(&bits, &p, 4);
+    bits += (int32_t)n << 23;       // times 2^n
+    memcpy(&p, &bits, 4);
+    return x < -87.0f ? 0.0f : p;
+}
+inline float sigmoid_fixed(float x) { return 1.0f / (1.0f + expf_fixed(-x)); }
+
 // ---- vectors of VW floats: load, store, broadcast, add, and a fused multiply-add (a*b + c,
 // rounded once). AVX-512 (16 lanes) or AVX2 with FMA (8 lanes) when the target has them; the
 // plain fallback is 8 floats with fmaf per lane, the same numbers, slowly.
@@ -154,19 +179,22 @@ inline void matmul_backward_naive(float* dinp, float* dW, const float* dout, con
 
 // ---- the fast path: all three products are one kernel, C (M,Nc) (+)= A (M,K) Bm (K,Nc), where
 // Bm is row-major and A is read through two strides, A(i,k) = A[i*ars + k*aks], so that dout^T
-// is a view, not a copy. Tiles of up to MM_TR rows x 2 vectors of columns keep their 12
-// accumulators in vector registers; for each k: two vectors of Bm's row k, each times A(i,k).
+// is a view, not a copy. A register tile holds mr rows x nv vectors of C, at most 12 accumulators
+// (AVX2 has 16 registers); for each k: nv vectors of Bm's row k, each times every A(i,k).
+// Each accumulator is a chain of fmas that waits on itself, so a tile needs several of them:
+// 6 rows x 2 vectors for the bulk, and wider tiles for few rows (one row, decoding: 8 vectors).
 static const int MM_TR = 6;
+inline int tile_vectors(int mr) { return mr == 1 ? 8 : mr == 2 ? 6 : mr == 3 ? 4 : mr == 4 ? 3 : 2; }
 
-// one tile: rows i < mr, vectors h < nv (both at most MM_TR, 2). always_inline, and called with
-// literal mr and nv, so each call site unrolls into straight-line register code.
+// one tile: rows i < mr, vectors h < nv. always_inline and called with literal mr and nv, so each
+// call unrolls into straight-line register code.
 __attribute__((always_inline)) inline void gemm_tile(float* C, int ldc, const float* A, long ars, long aks,
                                                      const float* Bm, int ldb, int K, int add, int mr, int nv) {
-    vfloat acc[MM_TR][2];
+    vfloat acc[MM_TR][8];
     for (int i = 0; i < mr; i++)
         for (int h = 0; h < nv; h++) acc[i][h] = vzero();
     for (int k = 0; k < K; k++) {
-        vfloat b[2];
+        vfloat b[8];
         for (int h = 0; h < nv; h++) b[h] = vload(Bm + (long)k * ldb + h * VW);
         for (int i = 0; i < mr; i++) {
             vfloat a = vbroadcast(A[i * ars + k * aks]);
@@ -180,23 +208,22 @@ __attribute__((always_inline)) inline void gemm_tile(float* C, int ldc, const fl
         }
 }
 
-// a tile of mr rows (1..MM_TR, from a runtime count) and nv vectors (1, 2)
-inline void gemm_tile_rows(float* C, int ldc, const float* A, long ars, long aks, const float* Bm, int ldb, int K,
-                           int add, int mr, int nv) {
-    #define BT_TILE(R) \
-        (nv == 2 ? gemm_tile(C, ldc, A, ars, aks, Bm, ldb, K, add, R, 2) : gemm_tile(C, ldc, A, ars, aks, Bm, ldb, K, add, R, 1))
-    switch (mr) {
-        case 1: BT_TILE(1); break;
-        case 2: BT_TILE(2); break;
-        case 3: BT_TILE(3); break;
-        case 4: BT_TILE(4); break;
-        case 5: BT_TILE(5); break;
-        default: BT_TILE(MM_TR); break;
+// the tile shapes in use: for mr rows, tile_vectors(mr) vectors, or 4, 2, 1 for what is left
+inline void gemm_tile_any(float* C, int ldc, const float* A, long ars, long aks, const float* Bm, int ldb, int K,
+                          int add, int mr, int nv) {
+#define BT_TILE(R, V) case R * 16 + V: gemm_tile(C, ldc, A, ars, aks, Bm, ldb, K, add, R, V); break;
+    switch (mr * 16 + nv) {
+        BT_TILE(1, 8) BT_TILE(1, 4) BT_TILE(1, 2) BT_TILE(1, 1)
+        BT_TILE(2, 6) BT_TILE(2, 4) BT_TILE(2, 2) BT_TILE(2, 1)
+        BT_TILE(3, 4) BT_TILE(3, 2) BT_TILE(3, 1)
+        BT_TILE(4, 3) BT_TILE(4, 2) BT_TILE(4, 1)
+        BT_TILE(5, 2) BT_TILE(5, 1)
+        BT_TILE(6, 2) BT_TILE(6, 1)
     }
-    #undef BT_TILE
+#undef BT_TILE
 }
 
-// the last Nc mod VW columns, [j0,Nc): one scalar fma chain per output, the tile's order
+// the last Nc mod VW columns, [j0,j1): one scalar fma chain per output, the tiles' order
 inline void gemm_columns(float* C, int ldc, const float* A, long ars, long aks, const float* Bm, int ldb, int K,
                          int add, int m0, int m1, int j0, int j1) {
     for (int m = m0; m < m1; m++)
@@ -207,20 +234,25 @@ inline void gemm_columns(float* C, int ldc, const float* A, long ars, long aks, 
         }
 }
 
-// C (M,Nc) (+)= A Bm; tiles are independent outputs, so they split across threads
+// C (M,Nc) (+)= A Bm. Work units: MM_TR rows x a block of up to 8 vectors of columns, each cut
+// into tiles; units are independent outputs, so they split across threads.
 inline void gemm(float* C, const float* A, long ars, long aks, const float* Bm, int M, int K, int Nc, int add) {
-    int TC = 2 * VW;                                   // columns per tile
-    int ntr = (M + MM_TR - 1) / MM_TR, ntc = (Nc + TC - 1) / TC;
+    int CB = 8 * VW;
+    int ntr = (M + MM_TR - 1) / MM_TR, ncb = (Nc + CB - 1) / CB;
     #pragma omp parallel for collapse(2) if ((long)M * K * Nc >= PAR_MIN)
     for (int ti = 0; ti < ntr; ti++)
-        for (int tj = 0; tj < ntc; tj++) {
-            int m0 = ti * MM_TR, j0 = tj * TC;
-            int mr = M - m0 < MM_TR ? M - m0 : MM_TR;
-            int nc = Nc - j0 < TC ? Nc - j0 : TC;      // columns in this tile
-            int nv = nc / VW;                           // whole vectors among them
-            float* c = C + (long)m0 * Nc + j0;
-            if (nv > 0) gemm_tile_rows(c, Nc, A + m0 * ars, ars, aks, Bm + j0, Nc, K, add, mr, nv);
-            if (nv * VW < nc) gemm_columns(C, Nc, A, ars, aks, Bm, Nc, K, add, m0, m0 + mr, j0 + nv * VW, j0 + nc);
+        for (int cb = 0; cb < ncb; cb++) {
+            int m0 = ti * MM_TR, mr = M - m0 < MM_TR ? M - m0 : MM_TR;
+            int j = cb * CB, j1 = j + CB < Nc ? j + CB : Nc;
+            const float* a = A + m0 * ars;
+            int most = tile_vectors(mr);
+            for (int left = (j1 - j) / VW; left > 0;) {   // whole vectors of columns
+                int nv = left >= most ? most : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+                gemm_tile_any(C + (long)m0 * Nc + j, Nc, a, ars, aks, Bm + j, Nc, K, add, mr, nv);
+                j += nv * VW;
+                left -= nv;
+            }
+            if (j < j1) gemm_columns(C, Nc, A, ars, aks, Bm, Nc, K, add, m0, m0 + mr, j, j1);
         }
 }
 
@@ -306,13 +338,38 @@ inline void rope_angle(float* c, float* s, int pos, int i, int HS, float theta) 
     *c = (float)cos(a); *s = (float)sin(a);
 }
 
-inline void rope_forward(float* out, const float* inp, const int* pos, int N, int NH, int HS, float theta) {
+// cos and sin of every (position, i), made by rope_angle once per thread and kept: a decoding
+// step would otherwise spend more time in cos and sin than in its matmuls. cs (npos, HS/2, 2).
+struct RopeTable { int HS = 0; float theta = 0; int npos = 0; std::vector<float> cs; };
+inline const float* rope_table(int HS, float theta, int max_pos) {
+    thread_local std::vector<RopeTable> tables;   // one per (HS, theta) in use: backbone, processor
+    RopeTable* t = nullptr;
+    for (RopeTable& x : tables)
+        if (x.HS == HS && x.theta == theta) t = &x;
+    if (!t) { tables.push_back(RopeTable{HS, theta, 0, {}}); t = &tables.back(); }
     int h = HS / 2;
+    if (max_pos >= t->npos) {
+        int np = max_pos + 1 > 2 * t->npos ? max_pos + 1 : 2 * t->npos;
+        t->cs.resize((size_t)np * h * 2);
+        for (int p = t->npos; p < np; p++)
+            for (int i = 0; i < h; i++) rope_angle(&t->cs[((size_t)p * h + i) * 2], &t->cs[((size_t)p * h + i) * 2 + 1], p, i, HS, theta);
+        t->npos = np;
+    }
+    return t->cs.data();
+}
+inline int max_of(const int* x, int n) {
+    int m = 0;
+    for (int i = 0; i < n; i++) m = x[i] > m ? x[i] : m;
+    return m;
+}
+
+inline void rope_forward(float* out, const float* inp, const int* pos, int N, int NH, int HS, float theta) {
+    int h = HS / 2, maxp = max_of(pos, N);
     #pragma omp parallel for if ((long)N * NH * HS >= PAR_MIN)
     for (int n = 0; n < N; n++) {
+        const float* cs = rope_table(HS, theta, maxp) + (long)pos[n] * h * 2;
         for (int i = 0; i < h; i++) {
-            float c, s;
-            rope_angle(&c, &s, pos[n], i, HS, theta);
+            float c = cs[2 * i], s = cs[2 * i + 1];
             for (int hh = 0; hh < NH; hh++) {
                 long o = (long)n * NH * HS + hh * HS;
                 float x0 = inp[o + i], x1 = inp[o + i + h];
@@ -326,12 +383,12 @@ inline void rope_forward(float* out, const float* inp, const int* pos, int N, in
 // forward was a rotation R(a); its transpose is the rotation by -a, so
 //   dx[i] += dout[i] cos a + dout[i+h] sin a ;  dx[i+h] += -dout[i] sin a + dout[i+h] cos a
 inline void rope_backward(float* dinp, const float* dout, const int* pos, int N, int NH, int HS, float theta) {
-    int h = HS / 2;
+    int h = HS / 2, maxp = max_of(pos, N);
     #pragma omp parallel for if ((long)N * NH * HS >= PAR_MIN)
     for (int n = 0; n < N; n++) {
+        const float* cs = rope_table(HS, theta, maxp) + (long)pos[n] * h * 2;
         for (int i = 0; i < h; i++) {
-            float c, s;
-            rope_angle(&c, &s, pos[n], i, HS, theta);
+            float c = cs[2 * i], s = cs[2 * i + 1];
             for (int hh = 0; hh < NH; hh++) {
                 long o = (long)n * NH * HS + hh * HS;
                 float g0 = dout[o + i], g1 = dout[o + i + h];
@@ -367,9 +424,10 @@ inline void attention_forward(float* out, float* att, const float* q, const floa
                     a[j] = dot8(qi, k + ((long)j * B + b) * C + h * HS, HS) * scale;
                     if (a[j] > mx) mx = a[j];
                 }
-                // softmax
+                // softmax (the exps vectorise; their sum runs in j order)
+                for (int j = 0; j < nk; j++) a[j] = expf_fixed(a[j] - mx);
                 float sum = 0.0f;
-                for (int j = 0; j < nk; j++) { a[j] = expf(a[j] - mx); sum += a[j]; }
+                for (int j = 0; j < nk; j++) sum += a[j];
                 for (int j = 0; j < nk; j++) a[j] /= sum;
                 for (int j = nk; j < ld; j++) a[j] = 0.0f;
                 // weighted sum of values
@@ -428,7 +486,7 @@ inline void attention_backward(float* dq, float* dk, float* dv, const float* dou
 inline void swiglu_forward(float* out, const float* h1, const float* h3, long N) {
     #pragma omp parallel for if (N >= PAR_MIN)
     for (long i = 0; i < N; i++) {
-        float sg = 1.0f / (1.0f + expf(-h1[i]));
+        float sg = sigmoid_fixed(h1[i]);
         out[i] = h1[i] * sg * h3[i];
     }
 }
@@ -438,7 +496,7 @@ inline void swiglu_forward(float* out, const float* h1, const float* h3, long N)
 inline void swiglu_backward(float* dh1, float* dh3, const float* dout, const float* h1, const float* h3, long N) {
     #pragma omp parallel for if (N >= PAR_MIN)
     for (long i = 0; i < N; i++) {
-        float sg = 1.0f / (1.0f + expf(-h1[i]));
+        float sg = sigmoid_fixed(h1[i]);
         dh3[i] += dout[i] * h1[i] * sg;
         dh1[i] += dout[i] * h3[i] * sg * (1.0f + h1[i] * (1.0f - sg));
     }
@@ -468,8 +526,9 @@ inline void crossentropy_forward(float* loss, float* probs, const float* logits,
         float* p = probs + (long)n * V;
         float mx = -INFINITY;
         for (int i = 0; i < V; i++) mx = z[i] > mx ? z[i] : mx;
+        for (int i = 0; i < V; i++) p[i] = expf_fixed(z[i] - mx);
         float sum = 0.0f;
-        for (int i = 0; i < V; i++) { p[i] = expf(z[i] - mx); sum += p[i]; }
+        for (int i = 0; i < V; i++) sum += p[i];
         for (int i = 0; i < V; i++) p[i] /= sum;
         // -log p[target] computed from the logits, which stays finite where p underflows
         loss[n] = weight[n] != 0.0f ? (mx + logf(sum) - z[target[n]]) : 0.0f;

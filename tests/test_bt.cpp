@@ -276,7 +276,7 @@ static bool fd_check(const std::string& op, const std::function<double()>& loss,
 TEST_CASE("the fast matmul (tiles, ragged edges, one row, a given W^T) equals the naive loop bit for bit") {
     Rng r(12);
     const int shapes[][3] = {{1, 128, 384}, {1, 128, 48}, {3, 24, 40}, {5, 7, 3}, {37, 24, 40}, {64, 128, 48},
-                             {7, 33, 17}, {256, 128, 384}};
+                             {7, 33, 17}, {256, 128, 384}, {2, 40, 200}, {4, 16, 112}, {9, 128, 300}};
     for (auto& sh : shapes) {
         int N = sh[0], IC = sh[1], OC = sh[2];
         auto x = randv(r, (long)N * IC), W = randv(r, (long)OC * IC), d = randv(r, (long)N * OC);
@@ -296,6 +296,22 @@ TEST_CASE("the fast matmul (tiles, ragged edges, one row, a given W^T) equals th
         CHECK(check_tensor("  backward dinp", dx1.data(), dx2.data(), dx1.size(), 0.0f));
         CHECK(check_tensor("  backward dW", dW1.data(), dW2.data(), dW1.size(), 0.0f));
     }
+}
+
+// expf_fixed (tensor.hpp) is bt's own exp, the same on every machine: within 1 ulp of libm's expf
+// over the range softmax and SwiGLU use, and 0 below -87
+TEST_CASE("expf_fixed is within 1 ulp of expf on [-87, 88], 0 below") {
+    double worst = 0;
+    long n = 0;
+    for (float x = -87.0f; x <= 88.0f; x += 0.0037f, n++) {
+        double want = expf(x), got = expf_fixed(x);
+        worst = std::max(worst, fabs(got - want) / (want * FLT_EPSILON));
+    }
+    printf("  expf_fixed: %ld points, worst %.3f ulp\n", n, worst);
+    CHECK(worst <= 1.0);
+    CHECK(expf_fixed(-87.5f) == 0.0f);
+    CHECK(expf_fixed(-1000.0f) == 0.0f);
+    CHECK(expf_fixed(0.0f) == 1.0f);
 }
 
 TEST_CASE("finite differences: embedding, matmul (naive and fast), rmsnorm, rope, residual") {
