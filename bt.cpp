@@ -800,37 +800,40 @@ static int select_forward(int* sel, float* scores, const float* att, int s, int 
 
 // 2. gather: u[n,b,:] = [ K[sel[n,b], b, :] | V[sel[n,b], b, :] ]      u (nS,B,2C), K,V (T,B,C)
 static void gather_forward(float* u, const float* K, const float* V, const int* sel, int nS, int B, int C) {
-    #pragma omp parallel for if ((long)nS * B * C >= PAR_MIN)
-    for (long r = 0; r < (long)nS * B; r++) {
-        long src = ((long)sel[r] * B + r % B) * C;
-        memcpy(u + r * 2 * C, K + src, sizeof(float) * C);
-        memcpy(u + r * 2 * C + C, V + src, sizeof(float) * C);
-    }
+    parallel_for((long)nS * B, (long)nS * B * C, [&](long r0, long r1) {
+        for (long r = r0; r < r1; r++) {
+            long src = ((long)sel[r] * B + r % B) * C;
+            memcpy(u + r * 2 * C, K + src, sizeof(float) * C);
+            memcpy(u + r * 2 * C + C, V + src, sizeof(float) * C);
+        }
+    });
 }
 // forward copied cache rows into u, so dK[sel] += du[:C], dV[sel] += du[C:]. The positions of one
 // sequence are distinct, so rows never collide.
 static void gather_backward(float* dK, float* dV, const float* du, const int* sel, int nS, int B, int C) {
-    #pragma omp parallel for if ((long)nS * B * C >= PAR_MIN)
-    for (long r = 0; r < (long)nS * B; r++) {
-        long dst = ((long)sel[r] * B + r % B) * C;
-        for (int c = 0; c < C; c++) {
-            dK[dst + c] += du[r * 2 * C + c];
-            dV[dst + c] += du[r * 2 * C + C + c];
+    parallel_for((long)nS * B, (long)nS * B * C, [&](long r0, long r1) {
+        for (long r = r0; r < r1; r++) {
+            long dst = ((long)sel[r] * B + r % B) * C;
+            for (int c = 0; c < C; c++) {
+                dK[dst + c] += du[r * 2 * C + c];
+                dV[dst + c] += du[r * 2 * C + C + c];
+            }
         }
-    }
+    });
 }
 
 // 3. transform: x0 = u W_in^T; np non-causal blocks with RoPE at the original positions;
 //    delta = RMSNorm(x) W_out^T.   u (nS,B,2C) -> delta (nS,B,2C)
-static void transform_forward(ProcActs& p, const ProcW& w, const Config& c, int nS, int B) {
+//    wt: w's matrices transposed (a Decoder's), or nullptr (each matmul transposes its own)
+static void transform_forward(ProcActs& p, const ProcW& w, const ProcW* wt, const Config& c, int nS, int B) {
     int N = nS * B;
     BlockDims d{c.dp, c.nhp, c.dp / c.nhp, c.fp};
-    OP(matmul_forward(p.xs[0], p.u, w.w_in, nullptr, N, 2 * c.C, c.dp));
+    OP(matmul_forward(p.xs[0], p.u, w.w_in, wt ? wt->w_in : nullptr, N, 2 * c.C, c.dp));
     for (int i = 0; i < c.np; i++)
-        block_forward(p.xs[i + 1], p.blocks[i], p.xs[i], w.blocks[i], nullptr, d, p.sel, 0, nS, B, nS, 0, c.theta,
-                      c.eps);
+        block_forward(p.xs[i + 1], p.blocks[i], p.xs[i], w.blocks[i], wt ? &wt->blocks[i] : nullptr, d, p.sel, 0, nS,
+                      B, nS, 0, c.theta, c.eps);
     OP(rmsnorm_forward(p.lnf, p.rstdf, p.xs[c.np], w.final_norm, N, c.dp, c.eps));
-    OP(matmul_forward(p.delta, p.lnf, w.w_out, nullptr, N, c.dp, 2 * c.C));
+    OP(matmul_forward(p.delta, p.lnf, w.w_out, wt ? wt->w_out : nullptr, N, c.dp, 2 * c.C));
 }
 // the backward of transform_forward: ddelta -> du (accumulated) and the weight grads gw
 static void transform_backward(float* du, ProcW& gw, RunState& S, const ProcW& w, const Config& c, int nS, int B) {
@@ -855,14 +858,15 @@ static float sigmoidf(float x) { return sigmoid_fixed(x); }
 static void write_back_forward(float* K, float* V, const float* delta, const float* gate, const int* sel, int nS,
                                int B, int C) {
     float sg = sigmoidf(gate[0]);
-    #pragma omp parallel for if ((long)nS * B * C >= PAR_MIN)
-    for (long r = 0; r < (long)nS * B; r++) {
-        long dst = ((long)sel[r] * B + r % B) * C;
-        for (int c = 0; c < C; c++) {
-            K[dst + c] += sg * delta[r * 2 * C + c];
-            V[dst + c] += sg * delta[r * 2 * C + C + c];
+    parallel_for((long)nS * B, (long)nS * B * C, [&](long r0, long r1) {
+        for (long r = r0; r < r1; r++) {
+            long dst = ((long)sel[r] * B + r % B) * C;
+            for (int c = 0; c < C; c++) {
+                K[dst + c] += sg * delta[r * 2 * C + c];
+                V[dst + c] += sg * delta[r * 2 * C + C + c];
+            }
         }
-    }
+    });
 }
 // forward did post = pre + sigmoid(g) delta. The identity part needs nothing: d(pre) = d(post)
 // stays in dK, dV. Here: ddelta = sigmoid(g) d(post) and dg += sigmoid'(g) sum d(post) . delta
@@ -941,7 +945,7 @@ static void bottleneck_step(const Model& M, RunState& S, int s, int e) {
         int nS = OP(select_forward(p.sel, p.scores, a.att, s, e, B, c.NH, S.T, c.k, c.periodic));  // 1. select
         OP(gather_forward(p.u, a.k, a.v, p.sel, nS, B, c.C));                                       // 2. gather
         undo_push(S, l, s, e, nS, p.sel, p.u, c.C);
-        transform_forward(p, M.w.proc[l], c, nS, B);                                                // 3. transform
+        transform_forward(p, M.w.proc[l], S.wt ? &S.wt->proc[l] : nullptr, c, nS, B);               // 3. transform
         OP(write_back_forward(a.k, a.v, p.delta, M.w.proc[l].gate, p.sel, nS, B, c.C));             // 4. write back
     }
 }
@@ -956,7 +960,7 @@ static void bottleneck_step_backward_layer(Model& M, RunState& S, const UndoReco
     // recompute this firing's activations from the logged inputs (cheaper than storing them all)
     OP(copy_ints(p.sel, undo_sel_of(S, rec), (long)nS * B));
     OP(copy_floats(p.u, undo_u_of(S, rec), (long)nS * B * 2 * c.C));
-    transform_forward(p, M.w.proc[l], c, nS, B);
+    transform_forward(p, M.w.proc[l], nullptr, c, nS, B);
     OP(write_back_backward(p.ddelta, M.g.proc[l].gate, S.dK[l], S.dV[l], p.delta, M.w.proc[l].gate, p.sel, nS, B,
                            c.C));
     OP(zero(p.du, (long)nS * B * 2 * c.C));

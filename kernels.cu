@@ -276,7 +276,7 @@ __global__ void attention_forward_kernel(float* out, float* att, const float* q,
     float sum = 0.0f;
     for (int j = 0; j < nk; j++) { a[j] = expf(a[j] - mx); sum += a[j]; }
     for (int j = 0; j < nk; j++) a[j] /= sum;
-    for (int j = nk; j < ld; j++) a[j] = 0.0f;
+    for (int j = nk; j < Tk; j++) a[j] = 0.0f;   // masked keys (columns past Tk are not written)
     // weighted sum of values
     float* oi = out + ((long)i * B + b) * C + h * HS;
     for (int d = 0; d < HS; d++) oi[d] = 0.0f;

@@ -24,6 +24,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 // ----------------------------------------------------------------------------------------------
 // The same numbers on every machine. The Makefile builds with -ffp-contract=off, so the compiler
@@ -33,19 +36,39 @@
 // one and the plain loops give the same bits.
 //
 // Threads only where they pay: a parallel region costs microseconds to open and close, more
-// than a decoding step's whole row of work. Each op asks for threads only from PAR_MIN
-// multiply-adds (or elements) up.
+// than a decoding step's whole row of work, and even `omp parallel if (0)` costs about one (a
+// decoding step has fifty). So every op runs its loop through parallel_for, which splits it
+// across threads only from PAR_MIN multiply-adds (or elements) of work up, and otherwise makes
+// no OpenMP call at all.
 static const long PAR_MIN = 1 << 18;
+
+// body(i0, i1) over [0, n): one contiguous range per thread when `work` pays for the threads
+// (and we are not already inside a parallel region), else body(0, n) on the calling thread
+template <class Body> inline void parallel_for(long n, long work, Body body) {
+#ifdef _OPENMP
+    if (work >= PAR_MIN && n > 1 && !omp_in_parallel()) {
+        #pragma omp parallel
+        {
+            long nt = omp_get_num_threads(), t = omp_get_thread_num();
+            body(n * t / nt, n * (t + 1) / nt);
+        }
+        return;
+    }
+#endif
+    (void)work;
+    body(0, n);
+}
 
 // ----------------------------------------------------------------------------------------------
 // Embedding: out[r, :] = emb[tok[r], :]
 // out (N,C), tok (N), emb (V,C)
 inline void embedding_forward(float* out, const int* tok, const float* emb, int N, int C) {
-    #pragma omp parallel for if ((long)N * C >= PAR_MIN)
-    for (int r = 0; r < N; r++) {
-        const float* e = emb + (long)tok[r] * C;
-        for (int c = 0; c < C; c++) out[(long)r * C + c] = e[c];
-    }
+    parallel_for(N, (long)N * C, [&](long r0, long r1) {
+        for (long r = r0; r < r1; r++) {
+            const float* e = emb + (long)tok[r] * C;
+            for (int c = 0; c < C; c++) out[r * C + c] = e[c];
+        }
+    });
 }
 
 // forward copied a row of emb, so demb[tok[r]] += dout[r]. Rows with the same token add into the
@@ -59,12 +82,19 @@ inline void embedding_backward(float* demb, const float* dout, const int* tok, i
 }
 
 // dot(x, y) over n floats, in 8 interleaved partial sums p[u] (u = i mod 8) added pairwise at the
-// end: a fixed order that the compiler vectorises at any width.
+// end: a fixed order, the same on every machine. With AVX2 (and so AVX-512) the 8 sums are one
+// 8-lane register; without, the same loop in scalars.
 inline float dot8(const float* x, const float* y, int n) {
     float p[8] = {};
     int i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256 acc = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i), acc);
+    _mm256_storeu_ps(p, acc);
+#else
     for (; i + 8 <= n; i += 8)
         for (int u = 0; u < 8; u++) p[u] = fmaf(x[i + u], y[i + u], p[u]);
+#endif
     float s = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
     for (; i < n; i++) s = fmaf(x[i], y[i], s);
     return s;
@@ -99,7 +129,6 @@ inline float sigmoid_fixed(float x) { return 1.0f / (1.0f + expf_fixed(-x)); }
 // rounded once). AVX-512 (16 lanes) or AVX2 with FMA (8 lanes) when the target has them; the
 // plain fallback is 8 floats with fmaf per lane, the same numbers, slowly.
 #if defined(__AVX512F__)
-#include <immintrin.h>
 static const int VW = 16;
 static const char* const SIMD_NAME = "AVX-512 (16 lanes), FMA";
 typedef __m512 vfloat;
@@ -110,7 +139,6 @@ inline vfloat vzero() { return _mm512_setzero_ps(); }
 inline vfloat vadd(vfloat a, vfloat b) { return _mm512_add_ps(a, b); }
 inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_ps(a, b, c); }
 #elif defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
 static const int VW = 8;
 static const char* const SIMD_NAME = "AVX2 (8 lanes), FMA";
 typedef __m256 vfloat;
@@ -141,14 +169,14 @@ inline vfloat vfma(vfloat a, vfloat b, vfloat c) { for (int u = 0; u < 8; u++) c
 //
 // matmul_forward_naive is the reference: one dot product per output.
 inline void matmul_forward_naive(float* out, const float* inp, const float* W, int N, int IC, int OC) {
-    #pragma omp parallel for if ((long)N * OC * IC >= PAR_MIN)
-    for (int n = 0; n < N; n++) {
-        for (int o = 0; o < OC; o++) {
-            float acc = 0.0f;
-            for (int k = 0; k < IC; k++) acc = fmaf(inp[(long)n * IC + k], W[(long)o * IC + k], acc);
-            out[(long)n * OC + o] = acc;
-        }
-    }
+    parallel_for(N, (long)N * OC * IC, [&](long n0, long n1) {
+        for (long n = n0; n < n1; n++)
+            for (int o = 0; o < OC; o++) {
+                float acc = 0.0f;
+                for (int k = 0; k < IC; k++) acc = fmaf(inp[n * IC + k], W[(long)o * IC + k], acc);
+                out[n * OC + o] = acc;
+            }
+    });
 }
 
 // matmul_backward_naive is its reference backward. forward did out[n,o] = sum_k inp[n,k] W[o,k], so
@@ -156,25 +184,25 @@ inline void matmul_forward_naive(float* out, const float* inp, const float* W, i
 //   dW[o, k]   += sum_n dout[n,o] * inp[n,k]    (rows of dW are independent: parallel over o)
 inline void matmul_backward_naive(float* dinp, float* dW, const float* dout, const float* inp, const float* W,
                                   int N, int IC, int OC) {
-    bool par = (long)N * OC * IC >= PAR_MIN;
-    if (dinp) {
-        #pragma omp parallel for if (par)
-        for (int n = 0; n < N; n++)
-            for (int k = 0; k < IC; k++) {
-                float acc = 0.0f;
-                for (int o = 0; o < OC; o++) acc = fmaf(dout[(long)n * OC + o], W[(long)o * IC + k], acc);
-                dinp[(long)n * IC + k] += acc;
-            }
-    }
-    if (dW) {
-        #pragma omp parallel for if (par)
-        for (int o = 0; o < OC; o++)
-            for (int k = 0; k < IC; k++) {
-                float acc = 0.0f;
-                for (int n = 0; n < N; n++) acc = fmaf(dout[(long)n * OC + o], inp[(long)n * IC + k], acc);
-                dW[(long)o * IC + k] += acc;
-            }
-    }
+    long work = (long)N * OC * IC;
+    if (dinp)
+        parallel_for(N, work, [&](long n0, long n1) {
+            for (long n = n0; n < n1; n++)
+                for (int k = 0; k < IC; k++) {
+                    float acc = 0.0f;
+                    for (int o = 0; o < OC; o++) acc = fmaf(dout[n * OC + o], W[(long)o * IC + k], acc);
+                    dinp[n * IC + k] += acc;
+                }
+        });
+    if (dW)
+        parallel_for(OC, work, [&](long o0, long o1) {
+            for (long o = o0; o < o1; o++)
+                for (int k = 0; k < IC; k++) {
+                    float acc = 0.0f;
+                    for (int n = 0; n < N; n++) acc = fmaf(dout[(long)n * OC + o], inp[(long)n * IC + k], acc);
+                    dW[o * IC + k] += acc;
+                }
+        });
 }
 
 // ---- the fast path: all three products are one kernel, C (M,Nc) (+)= A (M,K) Bm (K,Nc), where
@@ -239,9 +267,9 @@ inline void gemm_columns(float* C, int ldc, const float* A, long ars, long aks, 
 inline void gemm(float* C, const float* A, long ars, long aks, const float* Bm, int M, int K, int Nc, int add) {
     int CB = 8 * VW;
     int ntr = (M + MM_TR - 1) / MM_TR, ncb = (Nc + CB - 1) / CB;
-    #pragma omp parallel for collapse(2) if ((long)M * K * Nc >= PAR_MIN)
-    for (int ti = 0; ti < ntr; ti++)
-        for (int cb = 0; cb < ncb; cb++) {
+    parallel_for((long)ntr * ncb, (long)M * K * Nc, [&](long u0, long u1) {
+        for (long u = u0; u < u1; u++) {
+            int ti = (int)(u / ncb), cb = (int)(u % ncb);
             int m0 = ti * MM_TR, mr = M - m0 < MM_TR ? M - m0 : MM_TR;
             int j = cb * CB, j1 = j + CB < Nc ? j + CB : Nc;
             const float* a = A + m0 * ars;
@@ -254,6 +282,7 @@ inline void gemm(float* C, const float* A, long ars, long aks, const float* Bm, 
             }
             if (j < j1) gemm_columns(C, Nc, A, ars, aks, Bm, Nc, K, add, m0, m0 + mr, j, j1);
         }
+    });
 }
 
 // out[j, i] = in[i, j]: a (cols, rows) copy of in (rows, cols), in a per-thread scratch
@@ -261,9 +290,10 @@ inline float* transposed(const float* in, int rows, int cols) {
     thread_local std::vector<float> scratch;
     if (scratch.size() < (size_t)rows * cols) scratch.resize((size_t)rows * cols);
     float* out = scratch.data();
-    #pragma omp parallel for if ((long)rows * cols >= 16 * PAR_MIN)
-    for (int j = 0; j < cols; j++)
-        for (int i = 0; i < rows; i++) out[(long)j * rows + i] = in[(long)i * cols + j];
+    parallel_for(cols, (long)rows * cols / 16, [&](long j0, long j1) {
+        for (long j = j0; j < j1; j++)
+            for (int i = 0; i < rows; i++) out[j * rows + i] = in[(long)i * cols + j];
+    });
     return out;
 }
 
@@ -286,15 +316,16 @@ inline void matmul_backward(float* dinp, float* dW, const float* dout, const flo
 // RMSNorm: rstd[n] = 1 / sqrt(mean_c inp[n,c]^2 + eps);  out[n,c] = inp[n,c] * rstd[n] * w[c]
 // out (N,C), rstd (N), inp (N,C), w (C)
 inline void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* w, int N, int C, float eps) {
-    #pragma omp parallel for if ((long)N * C >= PAR_MIN)
-    for (int n = 0; n < N; n++) {
-        const float* x = inp + (long)n * C;
-        float ss = 0.0f;
-        for (int c = 0; c < C; c++) ss = fmaf(x[c], x[c], ss);
-        float r = 1.0f / sqrtf(ss / C + eps);
-        rstd[n] = r;
-        for (int c = 0; c < C; c++) out[(long)n * C + c] = x[c] * r * w[c];
-    }
+    parallel_for(N, (long)N * C, [&](long n0, long n1) {
+        for (long n = n0; n < n1; n++) {
+            const float* x = inp + n * C;
+            float ss = 0.0f;
+            for (int c = 0; c < C; c++) ss = fmaf(x[c], x[c], ss);
+            float r = 1.0f / sqrtf(ss / C + eps);
+            rstd[n] = r;
+            for (int c = 0; c < C; c++) out[n * C + c] = x[c] * r * w[c];
+        }
+    });
 }
 
 // forward did out = x * r * w with r = (mean x^2 + eps)^-1/2, so with g = dout * w:
@@ -302,29 +333,30 @@ inline void rmsnorm_forward(float* out, float* rstd, const float* inp, const flo
 //   dw[c] += sum_n dout[n,c] * x[n,c] * r[n]   (each channel's sum in n order; threads own channels)
 inline void rmsnorm_backward(float* dinp, float* dw, const float* dout, const float* inp, const float* w,
                              const float* rstd, int N, int C) {
-    bool par = (long)N * C >= PAR_MIN;
-    #pragma omp parallel for if (par)
-    for (int n = 0; n < N; n++) {
-        const float* x = inp + (long)n * C;
-        const float* go = dout + (long)n * C;
-        float r = rstd[n], dot = 0.0f;
-        for (int c = 0; c < C; c++) dot = fmaf(go[c] * w[c], x[c], dot);
-        float* dx = dinp + (long)n * C;
-        for (int c = 0; c < C; c++) dx[c] += r * go[c] * w[c] - x[c] * r * r * r * dot / C;
-    }
-    if (dw) {
-        // rows n outer, a block of 64 channels inner: the row is read in order and the 64 sums
-        // (each still over n in order) vectorise
-        const int CB = 64;
-        #pragma omp parallel for if (par)
-        for (int c0 = 0; c0 < C; c0 += CB) {
-            int c1 = c0 + CB < C ? c0 + CB : C;
+    parallel_for(N, (long)N * C, [&](long n0, long n1) {
+        for (long n = n0; n < n1; n++) {
+            const float* x = inp + n * C;
+            const float* go = dout + n * C;
+            float r = rstd[n], dot = 0.0f;
+            for (int c = 0; c < C; c++) dot = fmaf(go[c] * w[c], x[c], dot);
+            float* dx = dinp + n * C;
+            for (int c = 0; c < C; c++) dx[c] += r * go[c] * w[c] - x[c] * r * r * r * dot / C;
+        }
+    });
+    if (!dw) return;
+    // rows n outer, a block of 64 channels inner: rows are read in order and the 64 sums (each
+    // still over n in order) vectorise
+    const int CB = 64;
+    parallel_for((C + CB - 1) / CB, (long)N * C, [&](long b0, long b1) {
+        for (long b = b0; b < b1; b++) {
+            int c0 = (int)b * CB, c1 = c0 + CB < C ? c0 + CB : C;
             float acc[CB] = {};
             for (int n = 0; n < N; n++)
-                for (int c = c0; c < c1; c++) acc[c - c0] = fmaf(dout[(long)n * C + c] * inp[(long)n * C + c], rstd[n], acc[c - c0]);
+                for (int c = c0; c < c1; c++)
+                    acc[c - c0] = fmaf(dout[(long)n * C + c] * inp[(long)n * C + c], rstd[n], acc[c - c0]);
             for (int c = c0; c < c1; c++) dw[c] += acc[c - c0];
         }
-    }
+    });
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -365,37 +397,69 @@ inline int max_of(const int* x, int n) {
 
 inline void rope_forward(float* out, const float* inp, const int* pos, int N, int NH, int HS, float theta) {
     int h = HS / 2, maxp = max_of(pos, N);
-    #pragma omp parallel for if ((long)N * NH * HS >= PAR_MIN)
-    for (int n = 0; n < N; n++) {
-        const float* cs = rope_table(HS, theta, maxp) + (long)pos[n] * h * 2;
-        for (int i = 0; i < h; i++) {
-            float c = cs[2 * i], s = cs[2 * i + 1];
-            for (int hh = 0; hh < NH; hh++) {
-                long o = (long)n * NH * HS + hh * HS;
-                float x0 = inp[o + i], x1 = inp[o + i + h];
-                out[o + i] = x0 * c - x1 * s;
-                out[o + i + h] = x0 * s + x1 * c;
+    parallel_for(N, (long)N * NH * HS, [&](long n0, long n1) {
+        const float* table = rope_table(HS, theta, maxp);
+        for (long n = n0; n < n1; n++) {
+            const float* cs = table + (long)pos[n] * h * 2;
+            for (int i = 0; i < h; i++) {
+                float c = cs[2 * i], s = cs[2 * i + 1];
+                for (int hh = 0; hh < NH; hh++) {
+                    long o = n * NH * HS + hh * HS;
+                    float x0 = inp[o + i], x1 = inp[o + i + h];
+                    out[o + i] = x0 * c - x1 * s;
+                    out[o + i + h] = x0 * s + x1 * c;
+                }
             }
         }
-    }
+    });
 }
 
 // forward was a rotation R(a); its transpose is the rotation by -a, so
 //   dx[i] += dout[i] cos a + dout[i+h] sin a ;  dx[i+h] += -dout[i] sin a + dout[i+h] cos a
 inline void rope_backward(float* dinp, const float* dout, const int* pos, int N, int NH, int HS, float theta) {
     int h = HS / 2, maxp = max_of(pos, N);
-    #pragma omp parallel for if ((long)N * NH * HS >= PAR_MIN)
-    for (int n = 0; n < N; n++) {
-        const float* cs = rope_table(HS, theta, maxp) + (long)pos[n] * h * 2;
-        for (int i = 0; i < h; i++) {
-            float c = cs[2 * i], s = cs[2 * i + 1];
-            for (int hh = 0; hh < NH; hh++) {
-                long o = (long)n * NH * HS + hh * HS;
-                float g0 = dout[o + i], g1 = dout[o + i + h];
-                dinp[o + i] += g0 * c + g1 * s;
-                dinp[o + i + h] += -g0 * s + g1 * c;
+    parallel_for(N, (long)N * NH * HS, [&](long n0, long n1) {
+        const float* table = rope_table(HS, theta, maxp);
+        for (long n = n0; n < n1; n++) {
+            const float* cs = table + (long)pos[n] * h * 2;
+            for (int i = 0; i < h; i++) {
+                float c = cs[2 * i], s = cs[2 * i + 1];
+                for (int hh = 0; hh < NH; hh++) {
+                    long o = n * NH * HS + hh * HS;
+                    float g0 = dout[o + i], g1 = dout[o + i + h];
+                    dinp[o + i] += g0 * c + g1 * s;
+                    dinp[o + i + h] += -g0 * s + g1 * c;
+                }
             }
         }
+    });
+}
+
+// ----------------------------------------------------------------------------------------------
+// out[d] (+)= sum_j w[j] * rows[j*ld + d] for d < n: each out[d] one fma chain over j in order,
+// starting from 0 (or from out[d] when add). The sums stay in registers, not in out: a load, fma
+// and store per j would wait on the store before it.
+inline void weighted_sum_rows(float* out, const float* w, const float* rows, long ld, int nrows, int n, int add) {
+    int d = 0;
+    for (; d + 2 * VW <= n; d += 2 * VW) {   // two vectors: two chains, one fma each per row
+        vfloat acc0 = add ? vload(out + d) : vzero(), acc1 = add ? vload(out + d + VW) : vzero();
+        for (int j = 0; j < nrows; j++) {
+            vfloat a = vbroadcast(w[j]);
+            acc0 = vfma(a, vload(rows + j * ld + d), acc0);
+            acc1 = vfma(a, vload(rows + j * ld + d + VW), acc1);
+        }
+        vstore(out + d, acc0);
+        vstore(out + d + VW, acc1);
+    }
+    for (; d + VW <= n; d += VW) {
+        vfloat acc = add ? vload(out + d) : vzero();
+        for (int j = 0; j < nrows; j++) acc = vfma(vbroadcast(w[j]), vload(rows + j * ld + d), acc);
+        vstore(out + d, acc);
+    }
+    for (; d < n; d++) {
+        float acc = add ? out[d] : 0.0f;
+        for (int j = 0; j < nrows; j++) acc = fmaf(w[j], rows[j * ld + d], acc);
+        out[d] = acc;
     }
 }
 
@@ -405,39 +469,34 @@ inline void rope_backward(float* dinp, const float* dout, const int* pos, int N,
 // Query i sits at absolute position q0 + i. If causal, it sees keys j <= q0 + i, else all Tk keys.
 //   att[i,b,h,j] = softmax_j( q[i,b,h,:] . k[j,b,h,:] / sqrt(HS) )
 //   out[i,b,h,:] = sum_j att[i,b,h,j] * v[j,b,h,:]
-// out (Tq,B,NH*HS), att (Tq,B,NH,ld) with ld >= Tk (entries past the visible keys are 0),
+// out (Tq,B,NH*HS), att (Tq,B,NH,ld) with ld >= Tk (the masked entries j < Tk are 0),
 // q (Tq,B,NH*HS), k, v (Tk,B,NH*HS)
 inline void attention_forward(float* out, float* att, const float* q, const float* k, const float* v,
                               int Tq, int Tk, int ld, int q0, int causal, int B, int NH, int HS) {
     int C = NH * HS;
     float scale = 1.0f / sqrtf((float)HS);
-    #pragma omp parallel for collapse(3) if ((long)Tq * B * NH * Tk * HS >= PAR_MIN)
-    for (int i = 0; i < Tq; i++)
-        for (int b = 0; b < B; b++)
-            for (int h = 0; h < NH; h++) {
-                int nk = causal ? q0 + i + 1 : Tk;
-                const float* qi = q + ((long)i * B + b) * C + h * HS;
-                float* a = att + (((long)i * B + b) * NH + h) * ld;
-                // scores and their max
-                float mx = -INFINITY;
-                for (int j = 0; j < nk; j++) {
-                    a[j] = dot8(qi, k + ((long)j * B + b) * C + h * HS, HS) * scale;
-                    if (a[j] > mx) mx = a[j];
-                }
-                // softmax (the exps vectorise; their sum runs in j order)
-                for (int j = 0; j < nk; j++) a[j] = expf_fixed(a[j] - mx);
-                float sum = 0.0f;
-                for (int j = 0; j < nk; j++) sum += a[j];
-                for (int j = 0; j < nk; j++) a[j] /= sum;
-                for (int j = nk; j < ld; j++) a[j] = 0.0f;
-                // weighted sum of values
-                float* oi = out + ((long)i * B + b) * C + h * HS;
-                for (int d = 0; d < HS; d++) oi[d] = 0.0f;
-                for (int j = 0; j < nk; j++) {
-                    const float* vj = v + ((long)j * B + b) * C + h * HS;
-                    for (int d = 0; d < HS; d++) oi[d] = fmaf(a[j], vj[d], oi[d]);
-                }
+    parallel_for((long)Tq * B * NH, (long)Tq * B * NH * Tk * HS, [&](long u0, long u1) {
+        for (long u = u0; u < u1; u++) {   // u = (i*B + b)*NH + h
+            int i = (int)(u / ((long)B * NH)), b = (int)(u / NH % B), h = (int)(u % NH);
+            int nk = causal ? q0 + i + 1 : Tk;
+            const float* qi = q + ((long)i * B + b) * C + h * HS;
+            float* a = att + u * ld;
+            // scores and their max
+            float mx = -INFINITY;
+            for (int j = 0; j < nk; j++) {
+                a[j] = dot8(qi, k + ((long)j * B + b) * C + h * HS, HS) * scale;
+                if (a[j] > mx) mx = a[j];
             }
+            // softmax (the exps vectorise; their sum runs in j order)
+            for (int j = 0; j < nk; j++) a[j] = expf_fixed(a[j] - mx);
+            float sum = 0.0f;
+            for (int j = 0; j < nk; j++) sum += a[j];
+            for (int j = 0; j < nk; j++) a[j] /= sum;
+            for (int j = nk; j < Tk; j++) a[j] = 0.0f;   // masked keys; columns past Tk are not written
+            // weighted sum of values: v rows of this (b, h) are B*C apart
+            weighted_sum_rows(out + ((long)i * B + b) * C + h * HS, a, v + (long)b * C + h * HS, (long)B * C, nk, HS, 0);
+        }
+    });
 }
 
 // forward did out = sum_j a_j v_j with a = softmax(s), s_j = q.k_j * scale, so per (i,b,h):
@@ -450,68 +509,72 @@ inline void attention_backward(float* dq, float* dk, float* dv, const float* dou
                                int Tq, int Tk, int ld, int q0, int causal, int B, int NH, int HS) {
     int C = NH * HS;
     float scale = 1.0f / sqrtf((float)HS);
-    #pragma omp parallel if ((long)Tq * B * NH * Tk * HS >= PAR_MIN)
-    {
-        thread_local std::vector<float> da;   // (Tk) da_j of the current query
-        if ((int)da.size() < Tk) da.resize(Tk);
-        #pragma omp for collapse(2)
-        for (int b = 0; b < B; b++)
-            for (int h = 0; h < NH; h++)
-                for (int i = 0; i < Tq; i++) {
-                    int nk = causal ? q0 + i + 1 : Tk;
-                    long ro = ((long)i * B + b) * C + h * HS;
-                    const float* a = att + (((long)i * B + b) * NH + h) * ld;
-                    const float* go = dout + ro;
-                    // da_j = dout . v_j  and  sum_j a_j da_j
-                    float adot = 0.0f;
-                    for (int j = 0; j < nk; j++) {
-                        da[j] = dot8(go, v + ((long)j * B + b) * C + h * HS, HS);
-                        adot = fmaf(a[j], da[j], adot);
-                    }
-                    for (int j = 0; j < nk; j++) {
-                        long rj = ((long)j * B + b) * C + h * HS;
-                        float ds = a[j] * (da[j] - adot) * scale;
-                        for (int d = 0; d < HS; d++) {
-                            dq[ro + d] = fmaf(ds, k[rj + d], dq[ro + d]);
-                            dk[rj + d] = fmaf(ds, q[ro + d], dk[rj + d]);
-                            dv[rj + d] = fmaf(a[j], go[d], dv[rj + d]);
-                        }
+    parallel_for((long)B * NH, (long)Tq * B * NH * Tk * HS, [&](long u0, long u1) {
+        thread_local std::vector<float> da, ds;   // (Tk) da_j and ds_j of the current query
+        if ((int)da.size() < Tk) { da.resize(Tk); ds.resize(Tk); }
+        for (long u = u0; u < u1; u++) {      // u = b*NH + h
+            int b = (int)(u / NH), h = (int)(u % NH);
+            for (int i = 0; i < Tq; i++) {
+                int nk = causal ? q0 + i + 1 : Tk;
+                long ro = ((long)i * B + b) * C + h * HS;
+                const float* a = att + (((long)i * B + b) * NH + h) * ld;
+                const float* go = dout + ro;
+                // da_j = dout . v_j  and  sum_j a_j da_j
+                float adot = 0.0f;
+                for (int j = 0; j < nk; j++) {
+                    da[j] = dot8(go, v + ((long)j * B + b) * C + h * HS, HS);
+                    adot = fmaf(a[j], da[j], adot);
+                }
+                for (int j = 0; j < nk; j++) ds[j] = a[j] * (da[j] - adot) * scale;
+                // dq += sum_j ds_j k_j (in j order); each key's dk_j, dv_j gets one term
+                weighted_sum_rows(dq + ro, ds.data(), k + (long)b * C + h * HS, (long)B * C, nk, HS, 1);
+                for (int j = 0; j < nk; j++) {
+                    long rj = ((long)j * B + b) * C + h * HS;
+                    for (int d = 0; d < HS; d++) {
+                        dk[rj + d] = fmaf(ds[j], q[ro + d], dk[rj + d]);
+                        dv[rj + d] = fmaf(a[j], go[d], dv[rj + d]);
                     }
                 }
-    }
+            }
+        }
+    });
 }
 
 // ----------------------------------------------------------------------------------------------
 // SwiGLU gate: out = silu(h1) * h3, silu(x) = x * sigmoid(x).   out, h1, h3 (N)
 inline void swiglu_forward(float* out, const float* h1, const float* h3, long N) {
-    #pragma omp parallel for if (N >= PAR_MIN)
-    for (long i = 0; i < N; i++) {
-        float sg = sigmoid_fixed(h1[i]);
-        out[i] = h1[i] * sg * h3[i];
-    }
+    parallel_for(N, N, [&](long i0, long i1) {
+        for (long i = i0; i < i1; i++) {
+            float sg = sigmoid_fixed(h1[i]);
+            out[i] = h1[i] * sg * h3[i];
+        }
+    });
 }
 
 // forward did out = h1 sigma(h1) h3, so
 //   dh3 += dout * h1 sigma(h1) ;  dh1 += dout * h3 * sigma(h1) (1 + h1 (1 - sigma(h1)))
 inline void swiglu_backward(float* dh1, float* dh3, const float* dout, const float* h1, const float* h3, long N) {
-    #pragma omp parallel for if (N >= PAR_MIN)
-    for (long i = 0; i < N; i++) {
-        float sg = sigmoid_fixed(h1[i]);
-        dh3[i] += dout[i] * h1[i] * sg;
-        dh1[i] += dout[i] * h3[i] * sg * (1.0f + h1[i] * (1.0f - sg));
-    }
+    parallel_for(N, N, [&](long i0, long i1) {
+        for (long i = i0; i < i1; i++) {
+            float sg = sigmoid_fixed(h1[i]);
+            dh3[i] += dout[i] * h1[i] * sg;
+            dh1[i] += dout[i] * h3[i] * sg * (1.0f + h1[i] * (1.0f - sg));
+        }
+    });
 }
 
 // ----------------------------------------------------------------------------------------------
 // Residual add: out = a + b   (N)
 inline void residual_forward(float* out, const float* a, const float* b, long N) {
-    #pragma omp parallel for if (N >= PAR_MIN)
-    for (long i = 0; i < N; i++) out[i] = a[i] + b[i];
+    parallel_for(N, N, [&](long i0, long i1) {
+        for (long i = i0; i < i1; i++) out[i] = a[i] + b[i];
+    });
 }
 // forward did out = a + b, so da += dout and db += dout
 inline void residual_backward(float* da, float* db, const float* dout, long N) {
-    #pragma omp parallel for if (N >= PAR_MIN)
-    for (long i = 0; i < N; i++) { da[i] += dout[i]; db[i] += dout[i]; }
+    parallel_for(N, N, [&](long i0, long i1) {
+        for (long i = i0; i < i1; i++) { da[i] += dout[i]; db[i] += dout[i]; }
+    });
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -520,31 +583,32 @@ inline void residual_backward(float* da, float* db, const float* dout, long N) {
 // probs, logits (N,V); loss, weight (N); target (N)
 inline void crossentropy_forward(float* loss, float* probs, const float* logits, const int* target,
                                  const float* weight, int N, int V) {
-    #pragma omp parallel for if ((long)N * V >= PAR_MIN)
-    for (int n = 0; n < N; n++) {
-        const float* z = logits + (long)n * V;
-        float* p = probs + (long)n * V;
-        float mx = -INFINITY;
-        for (int i = 0; i < V; i++) mx = z[i] > mx ? z[i] : mx;
-        for (int i = 0; i < V; i++) p[i] = expf_fixed(z[i] - mx);
-        float sum = 0.0f;
-        for (int i = 0; i < V; i++) sum += p[i];
-        for (int i = 0; i < V; i++) p[i] /= sum;
-        // -log p[target] computed from the logits, which stays finite where p underflows
-        loss[n] = weight[n] != 0.0f ? (mx + logf(sum) - z[target[n]]) : 0.0f;
-    }
+    parallel_for(N, (long)N * V, [&](long n0, long n1) {
+        for (long n = n0; n < n1; n++) {
+            const float* z = logits + n * V;
+            float* p = probs + n * V;
+            float mx = -INFINITY;
+            for (int i = 0; i < V; i++) mx = z[i] > mx ? z[i] : mx;
+            for (int i = 0; i < V; i++) p[i] = expf_fixed(z[i] - mx);
+            float sum = 0.0f;
+            for (int i = 0; i < V; i++) sum += p[i];
+            for (int i = 0; i < V; i++) p[i] /= sum;
+            // -log p[target] computed from the logits, which stays finite where p underflows
+            loss[n] = weight[n] != 0.0f ? (mx + logf(sum) - z[target[n]]) : 0.0f;
+        }
+    });
 }
 
 // forward gave weight * -log softmax(z)[y], so dz[i] += weight * (p[i] - [i == y]) * dloss
 inline void crossentropy_backward(float* dlogits, const float* probs, const int* target, const float* weight,
                                   float dloss, int N, int V) {
-    #pragma omp parallel for if ((long)N * V >= PAR_MIN)
-    for (int n = 0; n < N; n++) {
-        if (weight[n] == 0.0f) continue;
-        float w = weight[n] * dloss;
-        for (int i = 0; i < V; i++)
-            dlogits[(long)n * V + i] += w * (probs[(long)n * V + i] - (i == target[n] ? 1.0f : 0.0f));
-    }
+    parallel_for(N, (long)N * V, [&](long n0, long n1) {
+        for (long n = n0; n < n1; n++) {
+            if (weight[n] == 0.0f) continue;
+            float w = weight[n] * dloss;
+            for (int i = 0; i < V; i++) dlogits[n * V + i] += w * (probs[n * V + i] - (i == target[n] ? 1.0f : 0.0f));
+        }
+    });
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -554,12 +618,13 @@ inline void crossentropy_backward(float* dlogits, const float* probs, const int*
 inline void adamw_update(float* p, float* m, float* v, const float* g, long N, float lr, float b1, float b2,
                          float eps, float wd, int t) {
     float bc1 = 1.0f - powf(b1, (float)t), bc2 = 1.0f - powf(b2, (float)t);
-    #pragma omp parallel for if (N >= PAR_MIN)
-    for (long i = 0; i < N; i++) {
-        p[i] -= lr * wd * p[i];
-        m[i] = b1 * m[i] + (1.0f - b1) * g[i];
-        v[i] = b2 * v[i] + (1.0f - b2) * g[i] * g[i];
-        float mh = m[i] / bc1, vh = v[i] / bc2;
-        p[i] -= lr * mh / (sqrtf(vh) + eps);
-    }
+    parallel_for(N, N, [&](long i0, long i1) {
+        for (long i = i0; i < i1; i++) {
+            p[i] -= lr * wd * p[i];
+            m[i] = b1 * m[i] + (1.0f - b1) * g[i];
+            v[i] = b2 * v[i] + (1.0f - b2) * g[i] * g[i];
+            float mh = m[i] / bc1, vh = v[i] / bc2;
+            p[i] -= lr * mh / (sqrtf(vh) + eps);
+        }
+    });
 }

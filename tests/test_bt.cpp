@@ -1246,7 +1246,7 @@ TEST_CASE("finite differences: gather, transform and write back, each on its own
         auto u0 = randv(r, (long)nS * B * 2 * c.C), rr = randv(r, (long)nS * B * 2 * c.C);
         auto loss = [&]() {
             memcpy(p.u, u0.data(), sizeof(float) * u0.size());
-            transform_forward(p, M.w.proc[0], c, nS, B);
+            transform_forward(p, M.w.proc[0], nullptr, c, nS, B);
             return dotd(rr, p.delta);
         };
         loss();
