@@ -1,4 +1,4 @@
-# bt -- make | make test | make train | make bench | make reference | make debug | make sanitize | make fuzz | make resume-test
+# bt -- make | make test | make train | make bench | make reference | make debug | make sanitize | make fuzz | make resume-test | make repro-test
 # Options: MARCH=x86-64-v3 (the compile target; native by default), NO_OMP=1 (no OpenMP), USE_CUDA=1 (bt through nvcc, with --device cuda; make test also runs
 #          tests/test_kernels on the GPU). Without USE_CUDA nothing needs CUDA.
 SHELL    := /bin/bash
@@ -45,7 +45,7 @@ else
   $(info ✗ CUDA (make USE_CUDA=1 for bt --device cuda))
 endif
 
-.PHONY: all test train reference debug sanitize fuzz resume-test check-cuda bench clean deps FORCE
+.PHONY: all test train reference debug sanitize fuzz resume-test repro-test check-cuda bench clean deps FORCE
 all: bt
 
 # bt is rebuilt when the way to build it changes (make, then make USE_CUDA=1): the command line is
@@ -137,6 +137,12 @@ sanitize: deps
 # a run killed with SIGKILL midway, resumed with --resume, ends bitwise equal to one never killed
 resume-test: bt
 	tests/resume_kill.sh ./bt
+
+# the same bytes from -march=native, x86-64-v3 and x86-64 (plain loops) builds at 1 and 2 threads: checkpoints,
+# .state, bt eval and bt score of small vanilla, bt frozen (bptt full, step), joint and periodic runs.
+# Builds its own two bt in a scratch folder with these flags (CPU only; ./bt is left alone)
+repro-test:
+	CXX='$(CXX)' CXXFLAGS_BASE='$(filter-out -march=%,$(CXXFLAGS))' tests/repro.sh
 
 # libFuzzer (clang from Debian) on the checkpoint loader and the data-file parser, FUZZ_SECONDS each.
 # New inputs go to a scratch corpus; an input that crashes is written to tests/fuzz/<target>/ so
