@@ -502,39 +502,46 @@ inline void attention_forward(float* out, float* att, const float* q, const floa
 // forward did out = sum_j a_j v_j with a = softmax(s), s_j = q.k_j * scale, so per (i,b,h):
 //   da_j = dout . v_j ;  ds_j = a_j (da_j - sum_j' a_j' da_j')
 //   dq += scale * sum_j ds_j k_j ;  dk_j += scale * ds_j q ;  dv_j += a_j dout
-// dk and dv of one (b,h) collect from every query, so threads split over (b,h) only and walk the
-// queries in order inside: no two threads ever add to the same number.
+// dk and dv of one (b,h) collect from every query, so threads split over (b,h) only. Each dq_i is
+// summed over keys j in order; then each dk_j and dv_j over the queries i that saw key j, in
+// order, in registers (the same sum as adding query by query, without a store per term).
 inline void attention_backward(float* dq, float* dk, float* dv, const float* dout, const float* att,
                                const float* q, const float* k, const float* v,
                                int Tq, int Tk, int ld, int q0, int causal, int B, int NH, int HS) {
     int C = NH * HS;
+    long ldr = (long)B * C;   // from one position's row to the next, within one (b, h)
     float scale = 1.0f / sqrtf((float)HS);
     parallel_for((long)B * NH, (long)Tq * B * NH * Tk * HS, [&](long u0, long u1) {
-        thread_local std::vector<float> da, ds;   // (Tk) da_j and ds_j of the current query
-        if ((int)da.size() < Tk) { da.resize(Tk); ds.resize(Tk); }
+        thread_local std::vector<float> da, ds, w;   // da (Tk), ds (Tq,Tk) of this (b,h), w (Tq)
+        if ((long)ds.size() < (long)Tq * Tk) ds.resize((long)Tq * Tk);
+        if ((int)da.size() < Tk) da.resize(Tk);
+        if ((int)w.size() < Tq) w.resize(Tq);
         for (long u = u0; u < u1; u++) {      // u = b*NH + h
             int b = (int)(u / NH), h = (int)(u % NH);
+            long off = (long)b * C + h * HS;  // this (b,h)'s first row in q, k, v, dout
             for (int i = 0; i < Tq; i++) {
                 int nk = causal ? q0 + i + 1 : Tk;
-                long ro = ((long)i * B + b) * C + h * HS;
                 const float* a = att + (((long)i * B + b) * NH + h) * ld;
-                const float* go = dout + ro;
-                // da_j = dout . v_j  and  sum_j a_j da_j
+                const float* go = dout + off + i * ldr;
+                float* dsi = ds.data() + (long)i * Tk;
+                // da_j = dout . v_j  and  sum_j a_j da_j, then ds_j
                 float adot = 0.0f;
                 for (int j = 0; j < nk; j++) {
-                    da[j] = dot8(go, v + ((long)j * B + b) * C + h * HS, HS);
+                    da[j] = dot8(go, v + off + j * ldr, HS);
                     adot = fmaf(a[j], da[j], adot);
                 }
-                for (int j = 0; j < nk; j++) ds[j] = a[j] * (da[j] - adot) * scale;
-                // dq += sum_j ds_j k_j (in j order); each key's dk_j, dv_j gets one term
-                weighted_sum_rows(dq + ro, ds.data(), k + (long)b * C + h * HS, (long)B * C, nk, HS, 1);
-                for (int j = 0; j < nk; j++) {
-                    long rj = ((long)j * B + b) * C + h * HS;
-                    for (int d = 0; d < HS; d++) {
-                        dk[rj + d] = fmaf(ds[j], q[ro + d], dk[rj + d]);
-                        dv[rj + d] = fmaf(a[j], go[d], dv[rj + d]);
-                    }
-                }
+                for (int j = 0; j < nk; j++) dsi[j] = a[j] * (da[j] - adot) * scale;
+                // dq_i += sum_j ds_j k_j
+                weighted_sum_rows(dq + off + i * ldr, dsi, k + off, ldr, nk, HS, 1);
+            }
+            // key j was seen by queries i >= j - q0 (causal) or by all
+            for (int j = 0; j < Tk; j++) {
+                int i0 = causal ? (j - q0 > 0 ? j - q0 : 0) : 0, n = Tq - i0;
+                if (n <= 0) continue;
+                for (int i = 0; i < n; i++) w[i] = ds[(long)(i0 + i) * Tk + j];
+                weighted_sum_rows(dk + off + j * ldr, w.data(), q + off + i0 * ldr, ldr, n, HS, 1);
+                for (int i = 0; i < n; i++) w[i] = att[(((long)(i0 + i) * B + b) * NH + h) * ld + j];
+                weighted_sum_rows(dv + off + j * ldr, w.data(), dout + off + i0 * ldr, ldr, n, HS, 1);
             }
         }
     });
