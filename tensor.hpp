@@ -119,7 +119,7 @@ inline float expf_fixed(float x) {
     p = fmaf(p, r * r, r) + 1.0f;   // e^r = 1 + r + r^2 p(r)
     int32_t bits;
     memcpy(&bits, &p, 4);
-    bits += (int32_t)n << 23;       // times 2^n
+    bits += (int32_t)n * (1 << 23);  // times 2^n (a multiply: a left shift of a negative n is undefined)
     memcpy(&p, &bits, 4);
     return x < -87.0f ? 0.0f : p;
 }

@@ -631,6 +631,150 @@ TEST_CASE("evict: decoding stops when the positions fill the context, though evi
     CHECK(D.S.n_tok < 8);                             // the slots in use stayed few
 }
 
+// =============================================================================================
+// The batched decoder: B sequences in lock-step equal one Decoder each, bit for bit
+// =============================================================================================
+// Prompts of different lengths whose newlines fall at different positions, some at the same one:
+// "1+2\n" and "3*4\n" reach their first newline at the same step from the same segment start
+// (they fire together), "1*4-0+3\n" reaches its first at position 8, the step where "5-1\n2=2\n"
+// reaches its second (two groups fire at one step), and the random models then write newlines of
+// their own wherever they do.
+static const std::vector<std::string> BATCH_PROMPTS = {"1+2\n", "1*4-0+3\n", "3*4\n", "5-1\n2=2\n", "12+3+4\n1=",
+                                                       "7\n"};
+
+// Decode prompts with one Decoder each (the reference) and in one batched decoder of B >= the
+// prompt count; the texts, the number of positions fed and the logits of every position (so the
+// log-probability of every generated token) must be equal, tolerance 0.
+static bool check_batched(const Model& M, BatchDecoder& BD, const std::vector<std::string>& prompts,
+                          const std::string& what) {
+    std::vector<std::vector<float>> z;
+    std::vector<std::string> got = batch_generate(BD, prompts, &z);
+    bool ok = got.size() == prompts.size();
+    for (size_t b = 0; b < prompts.size() && ok; b++) {
+        Decoder D;
+        decoder_init(D, M);
+        std::string want = generate(D, prompts[b]);
+        long n = (long)D.S.n_tok * M.cfg.V;
+        bool same_text = got[b] == want, same_len = (long)z[b].size() == n;
+        ok = same_text && same_len && memcmp(z[b].data(), D.S.logits, sizeof(float) * n) == 0 &&
+             check_tensor(strf("%s, sequence %zu (%d positions)", what.c_str(), b, D.S.n_tok), z[b].data(), D.S.logits, n,
+                          0.0f);
+        if (!same_text) printf("  %s, sequence %zu: batched wrote \"%s\", alone \"%s\"\n", what.c_str(), b, got[b].c_str(),
+                               want.c_str());
+        if (!same_len) printf("  %s, sequence %zu: batched fed %zu positions, alone %d\n", what.c_str(), b,
+                              z[b].size() / M.cfg.V, D.S.n_tok);
+    }
+    return ok;
+}
+
+TEST_CASE("the batched decoder equals one Decoder per sequence bit for bit (vanilla, newline, periodic, pause)") {
+    const char* names[] = {"vanilla", "processor newline", "processor periodic:5", "pause 2"};
+    for (int kind = 0; kind < 4; kind++) {
+        Model M;
+        Config c = tiny_config(kind == 1 || kind == 2);
+        if (kind == 2) c.periodic = 5;
+        if (kind == 3) c.pause = 2;
+        model_build(M, c);
+        randomize(M, 81 + kind, 0.3f);   // w_out random too: the processor really rewrites
+        BatchDecoder BD;
+        batch_init(BD, M, 7);            // room for 7; 6 prompts
+        CHECK(check_batched(M, BD, BATCH_PROMPTS, names[kind]));
+        // the same decoder again, the prompts in another order and fewer of them
+        std::vector<std::string> again = {BATCH_PROMPTS[3], BATCH_PROMPTS[0], BATCH_PROMPTS[5], BATCH_PROMPTS[1]};
+        CHECK(check_batched(M, BD, again, std::string(names[kind]) + ", reused"));
+        // newline: some firings were a group smaller than the batch (gathered); periodic: never
+        if (kind == 1) CHECK(BD.G_cap > 0);
+        if (kind == 2) CHECK(BD.G_cap == 0);
+    }
+}
+
+TEST_CASE("batched firing and compaction: every sequence's cache stays what it would be alone") {
+    // 4 sequences fed one token list each, teacher-forced; newlines at 4, 8 (a), 8 (b), 4, 10 (c)
+    // and 2, 8 (d). At 2, d fires alone (a group of 1 of 4, gathered); at 4, a and c together (2 of
+    // 4). After position 6, b leaves the batch mid-line (a, c and d move down, stride 3); at 8, a
+    // and d fire in two groups (segment starts 4 and 2), at 10 c alone. After each feed every
+    // sequence's K and V (every layer, every position), the attention rows of its current segment
+    // (what the next firing selects by) and its logits must equal a lone Decoder's, bit for bit.
+    Model M;
+    tiny_model(M, true, 86);
+    const Config& c = M.cfg;
+    std::vector<std::vector<int>> seqs = {tokenize("1+2\n3=3\n#3$", "a"), tokenize("1*4-0+3\n1*4=4", "b"),
+                                          tokenize("5-1\n5-1=4\n#4", "c"), tokenize("7\n7*1=7\n#7$", "d")};
+    int n = 12;
+    std::vector<int> who = {0, 1, 2, 3};   // the sequence in each slot
+    BatchDecoder BD;
+    batch_init(BD, M, 4);
+    batch_reset(BD, 4);
+    std::vector<Decoder> D(4);
+    for (Decoder& d : D) { decoder_init(d, M); decoder_reset(d); }
+    bool same = true;
+    long W_att = (long)c.NH * c.T;
+    for (int t = 0; t < n; t++) {
+        int B = BD.S.B;
+        std::vector<int> toks(B);
+        for (int j = 0; j < B; j++) toks[j] = seqs[who[j]][t];
+        batch_feed(BD, toks.data(), 1);
+        for (int j = 0; j < B; j++) {
+            Decoder& d = D[who[j]];
+            decoder_feed(d, &seqs[who[j]][t], 1);
+            same &= BD.seg_start[j] == d.seg_start;
+            for (int l = 0; l < c.L; l++)
+                for (int p = 0; p <= t; p++) {
+                    long r = (long)p * B + j;
+                    same &= memcmp(BD.S.acts[l].k + r * c.C, d.S.acts[l].k + (long)p * c.C, sizeof(float) * c.C) == 0;
+                    same &= memcmp(BD.S.acts[l].v + r * c.C, d.S.acts[l].v + (long)p * c.C, sizeof(float) * c.C) == 0;
+                    if (p >= d.seg_start)
+                        same &= memcmp(BD.S.acts[l].att + r * W_att, d.S.acts[l].att + p * W_att, sizeof(float) * W_att) == 0;
+                }
+            same &= memcmp(batch_logits(BD, j), d.S.logits + (long)t * c.V, sizeof(float) * c.V) == 0;
+        }
+        if (t == 6) {   // b leaves
+            std::vector<char> drop = {0, 1, 0, 0};
+            batch_compact(BD, drop.data());
+            who = {0, 2, 3};
+            CHECK(BD.S.B == 3);
+        }
+    }
+    CHECK(same);
+    CHECK(BD.G_cap == 2);   // the largest gathered group: a and c at position 4
+    CHECK(std::vector<int>(BD.seg_start.begin(), BD.seg_start.begin() + 3) == std::vector<int>{8, 10, 8});
+    printf("  4 sequences, one leaving midway: K, V, the current segment's attention and the logits equal to lone "
+           "decoders: %s\n", same ? "yes" : "NO");
+}
+
+TEST_CASE("evaluate: batched (several batches) gives each example what one Decoder gives it; eviction is unbatched") {
+    Model M;
+    tiny_model(M, true, 87);
+    std::vector<std::string> texts;
+    for (int size = 2; size <= 4; size++)
+        for (auto& t : eval_set(TASK_CHAIN, size, 14, 3)) texts.push_back(t);   // 42: 7 batches of 6
+    std::vector<std::string> batched(texts.size()), alone(texts.size());
+    generate_batched(batched, M, texts);
+    generate_each(alone, M, texts, 0);
+    CHECK(batched == alone);
+    // decoders kept across calls (bt eval) take the model's new weights: a changed model decodes
+    // as a fresh decoder would decode it
+    EvalDecoders keep;
+    std::vector<std::string> kept(texts.size()), fresh(texts.size());
+    generate_batched(kept, M, texts, &keep);
+    CHECK(kept == alone);
+    randomize(M, 89, 0.3f);
+    generate_batched(kept, M, texts, &keep);
+    generate_each(fresh, M, texts, 0);
+    CHECK(kept == fresh);
+    CHECK(kept != alone);
+    // a vanilla model: a budget above the length evicts nothing, so the unbatched evict path gives
+    // the batched decoder's results
+    Model V;
+    tiny_model(V, false, 88);
+    EvalResult a = evaluate(V, texts), e = evaluate(V, texts, 1000);
+    CHECK(a.n == e.n);
+    CHECK(a.answer_ok == e.answer_ok);
+    CHECK(a.lines_ok == e.lines_ok);
+    CHECK(a.first_wrong_sum == e.first_wrong_sum);
+    CHECK(a.mistakes == e.mistakes);
+}
+
 TEST_CASE("a freshly initialised processor (W_out = 0) leaves the logits bit-identical to the backbone alone") {
     Model M;
     model_build(M, tiny_config(true));
