@@ -4338,6 +4338,17 @@ static void cmd_bench(const Args& a) {
         double v = bench_train(bt, true, steps, n, n, &T);
         add(strf("train_bt_frozen_full_n%d", n), strf("train bt frozen full, %d boundaries (T %.0f)", n, T), "tok/s", v);
     }
+    // how it scales with threads: the main rows again on one thread (OMP_NUM_THREADS=1 for these)
+#ifdef _OPENMP
+    if (!dev && nth > 1) {
+        omp_set_num_threads(1);
+        add("train_vanilla_1t", "train vanilla, 1 thread", "tok/s", bench_train(base, false, steps));
+        add("train_bt_joint_1t", "train bt joint, 1 thread", "tok/s", bench_train(bt, false, steps));
+        add("decode_vanilla_b1_1t", "decode vanilla, batch 1, 1 thread", "tok/s", bench_decode(V, 1, rounds * 8));
+        add("decode_vanilla_b32_1t", "decode vanilla, batch 32, 1 thread", "tok/s", bench_decode(V, 32, rounds));
+        omp_set_num_threads(nth);
+    }
+#endif
     if (!dev) add("peak_rss", "peak resident memory", "MiB", peak_rss_mib());
 
     // the table
