@@ -104,9 +104,9 @@ inline float dot8(const float* x, const float* y, int n) {
 // by the CPU it runs on) and so that loops over it vectorise. e^x = 2^n e^r with n = round(x log2 e)
 // and r = x - n ln2 (ln2 in two parts, as Cephes does), e^r by a degree-7 polynomial (Cephes'
 // minimax coefficients for expf), 2^n put into the exponent bits. Within 1 ulp of expf on
-// [-87, 88] (a test checks it); 0 below -87 (expf's last 1e-38 or so), e^88 above 88.
+// [-87, 88] (a test checks it); 0 below -87 (expf's last 1e-38 or so), e^88 above 88, NaN for NaN.
 inline float expf_fixed(float x) {
-    float xc = x < -87.0f ? -87.0f : x > 88.0f ? 88.0f : x;
+    float xc = x < -87.0f ? -87.0f : x > 88.0f ? 88.0f : x == x ? x : 0.0f;   // NaN: work on 0, return NaN
     float n = rintf(xc * 1.44269504f);
     float r = fmaf(n, -0.693359375f, xc);
     r = fmaf(n, 2.12194440e-4f, r);
@@ -121,7 +121,7 @@ inline float expf_fixed(float x) {
     memcpy(&bits, &p, 4);
     bits += (int32_t)n * (1 << 23);  // times 2^n (a multiply: a left shift of a negative n is undefined)
     memcpy(&p, &bits, 4);
-    return x < -87.0f ? 0.0f : p;
+    return x < -87.0f ? 0.0f : x == x ? p : x;
 }
 inline float sigmoid_fixed(float x) { return 1.0f / (1.0f + expf_fixed(-x)); }
 

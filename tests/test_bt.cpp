@@ -312,6 +312,8 @@ TEST_CASE("expf_fixed is within 1 ulp of expf on [-87, 88], 0 below") {
     CHECK(expf_fixed(-87.5f) == 0.0f);
     CHECK(expf_fixed(-1000.0f) == 0.0f);
     CHECK(expf_fixed(0.0f) == 1.0f);
+    CHECK(std::isnan(expf_fixed(NAN)));
+    CHECK(expf_fixed(-INFINITY) == 0.0f);
 }
 
 TEST_CASE("finite differences: embedding, matmul (naive and fast), rmsnorm, rope, residual") {
