@@ -1429,10 +1429,8 @@ static void transpose_weights(const Model& M, std::vector<float>& wt_mem, Weight
     for (const ParamInfo& p : M.table) {
         const float* src = M.params.data() + p.offset;
         float* dst = wt_mem.data() + p.offset;
-        if (p.shape.size() != 2) { copy_floats(dst, src, p.numel); continue; }
-        int rows = p.shape[0], cols = p.shape[1];
-        for (int i = 0; i < rows; i++)
-            for (int j = 0; j < cols; j++) dst[(long)j * rows + i] = src[(long)i * cols + j];
+        if (p.shape.size() == 2) transpose(dst, src, p.shape[0], p.shape[1]);
+        else copy_floats(dst, src, p.numel);
     }
     layout_params(M.cfg, &wt, wt_mem.data(), nullptr);
 }
@@ -4302,10 +4300,7 @@ static void cmd_bench(const Args& a) {
     Model V, P;
     { TrainRun R; bench_run(R, base, false); V = R.M; }
     { TrainRun R; bench_run(R, bt, false); P = R.M; }
-    int nth = 1;
-#ifdef _OPENMP
-    nth = omp_get_max_threads();
-#endif
+    int nth = max_threads();
     add("decode_vanilla_b1", "decode vanilla, batch 1", "tok/s", bench_decode(V, 1, rounds * 8));
     if (!dev) add("decode_vanilla_b32", "decode vanilla, batch 32", "tok/s", bench_decode(V, 32, rounds));
     add("decode_bt_b1", "decode bt, batch 1", "tok/s", bench_decode(P, 1, rounds * 8));

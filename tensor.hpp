@@ -285,16 +285,19 @@ inline void gemm(float* C, const float* A, long ars, long aks, const float* Bm, 
     });
 }
 
-// out[j, i] = in[i, j]: a (cols, rows) copy of in (rows, cols), in a per-thread scratch
-inline float* transposed(const float* in, int rows, int cols) {
-    thread_local std::vector<float> scratch;
-    if (scratch.size() < (size_t)rows * cols) scratch.resize((size_t)rows * cols);
-    float* out = scratch.data();
+// out[j, i] = in[i, j]: out (cols, rows), in (rows, cols)
+inline void transpose(float* out, const float* in, int rows, int cols) {
     parallel_for(cols, (long)rows * cols / 16, [&](long j0, long j1) {
         for (long j = j0; j < j1; j++)
             for (int i = 0; i < rows; i++) out[j * rows + i] = in[(long)i * cols + j];
     });
-    return out;
+}
+// the same, into a per-thread scratch
+inline float* transposed(const float* in, int rows, int cols) {
+    thread_local std::vector<float> scratch;
+    if (scratch.size() < (size_t)rows * cols) scratch.resize((size_t)rows * cols);
+    transpose(scratch.data(), in, rows, cols);
+    return scratch.data();
 }
 
 // out = inp W^T: Bm = W^T (IC,OC). WT, when not nullptr, is that transpose made once by the caller
