@@ -53,8 +53,12 @@ all: bt
 bt-build.tmp: FORCE
 	@echo '$(BT_BUILD)' | cmp -s - $@ || echo '$(BT_BUILD)' > $@
 
-bt: bt.cpp tensor.hpp kernels.cu bt-build.tmp
-	$(BT_BUILD) -o $@ bt.cpp
+# bt.cpp is the model program; lab/lab.cpp includes it and adds the lab (experiment, probe, bench)
+CORE_SRC = bt.cpp tensor.hpp io.hpp
+LAB_SRC  = lab/lab.cpp lab/svg.hpp lab/experiment.cpp lab/probe.cpp lab/bench.cpp
+
+bt: $(CORE_SRC) $(LAB_SRC) kernels.cu bt-build.tmp
+	$(BT_BUILD) -o $@ lab/lab.cpp
 
 # doctest comes from Debian's doctest-dev; installed here when missing and we are root
 deps:
@@ -67,16 +71,16 @@ deps:
 	  fi; \
 	fi
 
-tests/test_bt: tests/test_bt.cpp tests/fuzz.cpp bt.cpp tensor.hpp | deps
+tests/test_bt: tests/test_bt.cpp tests/fuzz.cpp $(CORE_SRC) $(LAB_SRC) | deps
 	$(CXX) $(CXXFLAGS) -o $@ tests/test_bt.cpp
 
 # the kernels of kernels.cu against the CPU ops, and bt's device path (--device cuda) against its CPU
 # path: on the CPU through tests/cuda_on_cpu.hpp (always), and on the GPU with USE_CUDA=1 (with no
 # GPU present, that binary says so and passes)
-tests/test_kernels: tests/test_kernels.cpp kernels.cu tests/cuda_on_cpu.hpp bt.cpp tensor.hpp | deps
+tests/test_kernels: tests/test_kernels.cpp kernels.cu tests/cuda_on_cpu.hpp $(CORE_SRC) | deps
 	$(CXX) $(CXXFLAGS) -o $@ tests/test_kernels.cpp
 
-tests/test_kernels_gpu: tests/test_kernels.cpp kernels.cu bt.cpp tensor.hpp | deps
+tests/test_kernels_gpu: tests/test_kernels.cpp kernels.cu $(CORE_SRC) | deps
 	$(NVCC) $(NVCCFLAGS) -o $@ tests/test_kernels.cpp
 
 test: deps $(TEST_BINS)
@@ -85,7 +89,7 @@ test: deps $(TEST_BINS)
 # CI: kernels.cu, bt with --device cuda, and the GPU tests must compile with nvcc (needs no GPU)
 check-cuda: | deps
 	$(NVCC) $(NVCCFLAGS) -c kernels.cu -o /dev/null
-	$(NVCC) $(NVCCFLAGS) -DUSE_CUDA -c bt.cpp -o /dev/null
+	$(NVCC) $(NVCCFLAGS) -DUSE_CUDA -c lab/lab.cpp -o /dev/null
 	$(NVCC) $(NVCCFLAGS) -c tests/test_kernels.cpp -o /dev/null
 	@echo "✓ kernels.cu, bt.cpp (bt --device cuda) and tests/test_kernels.cpp compile with $(NVCC)"
 
@@ -124,8 +128,8 @@ bench: bt
 
 # single-threaded (no OpenMP), so gdb steps through one loop at a time
 debug: CXXFLAGS := -std=c++17 -Wall -Wextra -Wno-unknown-pragmas -O0 -g -fsanitize=address,undefined -fno-omit-frame-pointer
-debug: bt.cpp tensor.hpp
-	$(CXX) $(CXXFLAGS) -o bt_debug bt.cpp
+debug: $(CORE_SRC) $(LAB_SRC)
+	$(CXX) $(CXXFLAGS) -o bt_debug lab/lab.cpp
 	@echo "built bt_debug (-O0 -g, ASan+UBSan, one thread): gdb --args ./bt_debug train --steps 2 --batch 2"
 
 # the whole test suite under AddressSanitizer and UndefinedBehaviorSanitizer (-O1 keeps it quick)
@@ -149,7 +153,7 @@ repro-test:
 # that make test replays it from then on.
 FUZZ_SECONDS ?= 120
 FUZZ_FLAGS = -std=c++17 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -Wno-unknown-pragmas
-fuzz: tests/fuzz.cpp bt.cpp tensor.hpp
+fuzz: tests/fuzz.cpp $(CORE_SRC)
 	@command -v clang++ >/dev/null || { echo "make fuzz needs clang: apt-get install clang"; exit 1; }
 	clang++ $(FUZZ_FLAGS) -DFUZZ_CHECKPOINT -o tests/fuzz_checkpoint tests/fuzz.cpp
 	clang++ $(FUZZ_FLAGS) -DFUZZ_DATA -o tests/fuzz_data tests/fuzz.cpp

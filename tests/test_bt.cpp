@@ -7,7 +7,7 @@
 
 #define BT_TESTING
 #pragma GCC diagnostic ignored "-Wunused-function"   // the CLI commands, which only main() calls
-#include "../bt.cpp"
+#include "../lab/lab.cpp"   // bt.cpp and the lab
 #include "fuzz.cpp"
 
 #include <atomic>

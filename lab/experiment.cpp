@@ -1,0 +1,518 @@
+// lab/experiment.cpp -- bt experiment. Included by lab/lab.cpp after bt.cpp and lab/svg.hpp.
+// =============================================================================================
+// bt experiment: every arm of DESIGN §7 on one task, trained on the same data stream with the same
+// budget per seed, evaluated in distribution and at every OOD size. Each finished run is kept as
+// results/<task>/runs/<run>.json (+ its checkpoint), so an interrupted experiment resumes where it
+// stopped (a half-trained run resumes from its last checkpoint); then results.md and the plots.
+//   v4 (frozen backbone): stage 1 trains a vanilla backbone for --stage1 steps; every arm then
+//       gets --stage2 more steps from it: vanilla+extra, bt (k 4, bptt step and full), bt k 0,
+//       pause P (the backbone fine-tuned with P PAUSE after newlines), pause-frozen (only PAUSE's row).
+//   v1 (end to end from scratch, --steps each): vanilla, bt joint, bt joint periodic:16,
+//       vanilla-large (about the parameters of backbone + processor), and evict B (H2O at decoding
+//       on the v1 vanilla model; no training).
+// =============================================================================================
+struct ArmSpec {
+    const char* regime;   // "v4" or "v1"
+    const char* name;
+    const char* flags;    // bt train flags beyond the shared ones
+    int evict;            // > 0: no training, evaluate the v1 vanilla model with this budget
+};
+static const ArmSpec ARMS[] = {
+    {"v4", "vanilla+extra", "--model vanilla", 0},
+    {"v4", "bt", "--model bt --bptt step", 0},
+    {"v4", "bt-full", "--model bt --bptt full", 0},
+    {"v4", "bt-k0", "--model bt --k 0 --bptt step", 0},
+    {"v4", "pause1", "--model pause --pause 1", 0},
+    {"v4", "pause4", "--model pause --pause 4", 0},
+    {"v4", "pause16", "--model pause --pause 16", 0},
+    {"v4", "pause4-frozen", "--model pause-frozen --pause 4", 0},
+    {"v1", "vanilla", "--model vanilla", 0},
+    {"v1", "bt-joint", "--model bt --joint", 0},
+    {"v1", "bt-joint-periodic16", "--model bt --joint --schedule periodic:16", 0},
+    {"v1", "vanilla-large", "--model vanilla --d-model LARGE", 0},
+    {"v1", "evict4", "", 4},
+    {"v1", "evict8", "", 8},
+    {"v1", "evict16", "", 16},
+};
+
+struct RunResult {   // one arm, one seed
+    std::string regime, arm;
+    int seed = 0, steps = 0;
+    long params = 0;
+    double seconds = 0, flops = 0;        // training time; forward FLOPs per token
+    std::vector<float> loss;              // per step
+    std::vector<int> sizes;
+    std::vector<double> answer, lines, first_wrong;   // per size
+    double id_answer = 0, ood_answer = 0, ood_lines = 0, ood_first_wrong = 0;
+};
+
+struct Experiment {
+    Task task;
+    std::string dir;                      // results/<task>
+    std::vector<std::string> common;      // flags every training run shares (task, batch)
+    std::vector<std::string> size;        // the model size (runs that start from --init take it from there)
+    int stage1, stage2, steps, n_eval, large_width;
+    std::vector<std::string> arms;        // which arms (names), empty: all
+};
+
+static std::vector<std::string> split_words(const std::string& s) {
+    std::vector<std::string> out;
+    std::stringstream ss(s);
+    std::string w;
+    while (ss >> w) out.push_back(w);
+    return out;
+}
+
+// forward FLOPs per token of the model: every matmul (2 per multiply-add) and attention's two
+// products over an average context of (T+1)/2; training is 3x (forward, then dx and dW)
+static double flops_per_token(const Config& c, double T) {
+    double mm = (double)c.L * (4.0 * c.C * c.C + 3.0 * c.C * c.F) + (double)c.C * c.V;
+    double att = (double)c.L * 2.0 * c.C * (T + 1) / 2;
+    return 2.0 * (mm + att);
+}
+
+// forward FLOPs per token of M on one example: the backbone (flops_per_token) plus, with a
+// processor, its work at every boundary (W_in, its blocks, W_out over the rewritten entries)
+static double model_flops(const Model& M, const std::string& text) {
+    const Config& c = M.cfg;
+    std::vector<int> toks = tokenize(insert_pauses(text, c.pause), "flops");
+    double T = (double)toks.size(), total = T * flops_per_token(c, T);
+    if (c.dp > 0) {
+        int start = 0;
+        for (int t = 1; t < (int)toks.size(); t++)
+            if (is_boundary(c, t, toks[t])) {
+                double nS = c.periodic ? t : (t - start) + std::min(c.k, start);
+                double per_row = 2.0 * (2 * c.C * c.dp + c.np * (4.0 * c.dp * c.dp + 3.0 * c.dp * c.fp) + c.dp * 2 * c.C);
+                total += c.L * (nS * per_row + c.np * 4.0 * nS * nS * c.dp / 2);
+                start = t;
+            }
+    }
+    return total / T;
+}
+
+static std::string run_name(const std::string& regime, const std::string& arm, int seed) {
+    std::string a = arm;
+    for (auto& ch : a) if (ch == '+') ch = 'p';
+    return strf("%s-%s-s%d", regime.c_str(), a.c_str(), seed);
+}
+
+static std::string run_json(const RunResult& r) {
+    auto arr = [](const auto& v, const char* fmt) {
+        std::string s = "[";
+        for (size_t i = 0; i < v.size(); i++) s += (i ? "," : "") + strf(fmt, (double)v[i]);
+        return s + "]";
+    };
+    return strf("{\"regime\":\"%s\",\"arm\":\"%s\",\"seed\":%d,\"steps\":%d,\"params\":%ld,\"seconds\":%.2f,"
+                "\"flops\":%.0f,\"id_answer\":%.4f,\"ood_answer\":%.4f,\"ood_lines\":%.4f,\"ood_first_wrong\":%.3f,",
+                r.regime.c_str(), r.arm.c_str(), r.seed, r.steps, r.params, r.seconds, r.flops, r.id_answer,
+                r.ood_answer, r.ood_lines, r.ood_first_wrong) +
+           "\"sizes\":" + arr(r.sizes, "%.0f") + ",\"answer\":" + arr(r.answer, "%.4f") + ",\"lines\":" +
+           arr(r.lines, "%.4f") + ",\"first_wrong\":" + arr(r.first_wrong, "%.3f") + ",\"loss\":" +
+           arr(r.loss, "%.5f") + "}\n";
+}
+
+static bool read_run_json(const std::string& path, RunResult* r) {
+    std::ifstream f(path);
+    if (!f) return false;
+    std::string s((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    JsonParser jp{s, 0, path};
+    Json j = jp.value(0);
+    auto num = [&](const char* k) {
+        const Json* v = j.get(k);
+        if (!v || v->kind != Json::NUM) BAD_INPUT("%s: '%s' is missing (delete the file to rerun that arm)", path.c_str(), k);
+        return v->num;
+    };
+    auto str = [&](const char* k) {
+        const Json* v = j.get(k);
+        return v && v->kind == Json::STR ? v->str : std::string();
+    };
+    auto arr = [&](const char* k, auto& out) {
+        const Json* v = j.get(k);
+        if (!v || v->kind != Json::ARR) BAD_INPUT("%s: '%s' is missing (delete the file to rerun that arm)", path.c_str(), k);
+        out.clear();
+        for (auto& x : v->arr) out.push_back(x.num);
+    };
+    r->regime = str("regime"); r->arm = str("arm");
+    r->seed = (int)num("seed"); r->steps = (int)num("steps"); r->params = (long)num("params");
+    r->seconds = num("seconds"); r->flops = num("flops");
+    r->id_answer = num("id_answer"); r->ood_answer = num("ood_answer"); r->ood_lines = num("ood_lines");
+    r->ood_first_wrong = num("ood_first_wrong");
+    arr("sizes", r->sizes); arr("answer", r->answer); arr("lines", r->lines); arr("first_wrong", r->first_wrong);
+    arr("loss", r->loss);
+    return true;
+}
+
+// every size from the task's smallest training size to its largest OOD size, n examples each
+static void evaluate_run(RunResult& r, const Model& M, Task task, int n, int evict) {
+    const TaskInfo& ti = TASKS[task];
+    EvalResult id, ood;
+    for (int s = ti.train_lo; s <= ti.ood_hi; s++) {
+        if (s > ti.train_hi && s < ti.ood_lo) continue;
+        EvalResult e = evaluate(M, eval_set(task, s, n, 1), evict);
+        r.sizes.push_back(s);
+        r.answer.push_back((double)e.answer_ok / e.n);
+        r.lines.push_back((double)e.lines_ok / e.n);
+        r.first_wrong.push_back(e.first_wrong_n ? e.first_wrong_sum / e.first_wrong_n : 0.0);
+        add_result(s <= ti.train_hi ? id : ood, e);
+    }
+    r.id_answer = (double)id.answer_ok / id.n;
+    r.ood_answer = (double)ood.answer_ok / ood.n;
+    r.ood_lines = (double)ood.lines_ok / ood.n;
+    r.ood_first_wrong = ood.first_wrong_n ? ood.first_wrong_sum / ood.first_wrong_n : 0.0;
+}
+
+// Train (or resume, or reuse) one run; returns its result. init: a checkpoint to start from.
+static RunResult experiment_run(const Experiment& X, const std::string& regime, const std::string& arm,
+                                std::vector<std::string> flags, int steps, int seed, const std::string& init,
+                                int evict, const std::string& evict_ckpt) {
+    std::string base = X.dir + "/runs/" + run_name(regime, arm, seed);
+    RunResult r;
+    if (read_run_json(base + ".json", &r)) {
+        if (r.steps != steps)
+            BAD_INPUT("%s.json was trained for %d steps, this experiment asks %d: delete %s/runs to start over",
+                      base.c_str(), r.steps, steps, X.dir.c_str());
+        printf("  %-22s seed %d: done before (%s.json)\n", arm.c_str(), seed, base.c_str());
+        return r;
+    }
+    r.regime = regime; r.arm = arm; r.seed = seed; r.steps = steps;
+    // v1's vanilla with --steps equal to --stage1 is the very run v4's backbone was (same flags, seed and
+    // data; training is deterministic): take its checkpoint and results instead of training it twice.
+    std::string backbone = X.dir + "/runs/" + run_name("v4", "backbone", seed);
+    RunResult b;
+    if (regime == "v1" && arm == "vanilla" && read_run_json(backbone + ".json", &b) && b.steps == steps) {
+        write_file(base + ".safetensors", read_file(backbone + ".safetensors", "v4 backbone checkpoint"));
+        b.regime = regime; b.arm = arm;
+        write_file(base + ".json", run_json(b));
+        remove(state_path(base + ".safetensors").c_str());   // a half-trained copy of it, if one was left
+        printf("  %-22s seed %d: the same run as v4's backbone (%s)\n", arm.c_str(), seed, backbone.c_str());
+        return b;
+    }
+    Model M;
+    if (evict > 0) {
+        load_model(M, evict_ckpt);
+    } else {
+        std::vector<std::string> all = {"--seed", std::to_string(seed), "--steps", std::to_string(steps), "--out",
+                                        base + ".safetensors", "--log-every", "1000000", "--save-every", "100"};
+        all.insert(all.end(), X.common.begin(), X.common.end());
+        all.insert(all.end(), flags.begin(), flags.end());
+        if (!init.empty()) all.insert(all.end(), {"--init", init, "--lr", "0.001"});
+        else if (std::find(flags.begin(), flags.end(), "--d-model") == flags.end()) all.insert(all.end(), X.size.begin(), X.size.end());
+        else all.insert(all.end(), X.size.begin() + 2, X.size.end());   // vanilla-large sets its own width
+        bool resume = std::ifstream(state_path(base + ".safetensors")).good();
+        if (resume) all = {"--resume", base + ".safetensors", "--log-every", "1000000"};
+        TrainRun R;
+        R.quiet = true;
+        train_setup(R, train_args_from(all));
+        if (resume) printf("  %-22s seed %d: resuming at step %d\n", arm.c_str(), seed, R.step);
+        double t0 = now_seconds();
+        int chunk = std::max(1, steps / 10);
+        while (R.step < steps) {
+            train_steps(R, std::min(steps, R.step + chunk));
+            double el = now_seconds() - t0;
+            printf("\r  %-22s seed %d: step %5d/%d  loss %.4f  %s", arm.c_str(), seed, R.step, steps,
+                   R.losses.back(), fmt_time(el).c_str());
+            fflush(stdout);
+        }
+        save_run(R);
+        r.seconds = now_seconds() - t0;
+        r.loss = R.losses;
+        M = R.M;
+    }
+    r.params = M.n_params;
+    r.flops = model_flops(M, [&] { Rng g(3); return gen_example(X.task, g, TASKS[X.task].train_hi, true); }());
+    evaluate_run(r, M, X.task, X.n_eval, evict);
+    printf("\r  %-22s seed %d: %s, ID %.3f, OOD %.3f (all lines %.3f)                 \n", arm.c_str(), seed,
+           evict ? "no training" : fmt_time(r.seconds).c_str(), r.id_answer, r.ood_answer, r.ood_lines);
+    write_file(base + ".json", run_json(r));
+    remove(state_path(base + ".safetensors").c_str());   // finished: the JSON and the checkpoint are what stays
+    return r;
+}
+
+// ---- tables over seeds
+static double mean_of(const std::vector<double>& v) {
+    double s = 0;
+    for (double x : v) s += x;
+    return v.empty() ? 0 : s / v.size();
+}
+static double sd_of(const std::vector<double>& v) {   // sample standard deviation (n - 1)
+    if (v.size() < 2) return 0;
+    double m = mean_of(v), s = 0;
+    for (double x : v) s += (x - m) * (x - m);
+    return sqrt(s / (v.size() - 1));
+}
+static std::string pm(const std::vector<double>& v, const char* fmt = "%.3f") {
+    if (v.empty()) return "-";
+    return v.size() < 2 ? strf(fmt, mean_of(v)) : strf(fmt, mean_of(v)) + " ± " + strf(fmt[1] == '+' ? "%.3f" : fmt, sd_of(v));
+}
+
+// Which earlier positions each layer reconsolidated at each boundary, for one OOD example decoded
+// by a model with a processor: one panel per layer, a row per boundary, a column per position;
+// grey = the line being consolidated, dark = an older entry recalled (top-k).
+static void plot_reconsolidation(const Model& M, Task task, const std::string& title, const std::string& path) {
+    Rng g(11);
+    std::string ex = gen_example(task, g, TASKS[task].ood_lo, true);
+    Decoder D;
+    decoder_init(D, M);
+    std::string out = generate(D, question_of(ex) + "\n");
+    const Config& c = M.cfg;
+    int n = D.S.n_tok, nb = (int)D.S.undo.size() / c.L;
+    double cell = std::max(2.0, std::min(8.0, 900.0 / (c.L * (n + 4)))), pw = cell * (n + 4);
+    double W = 20 + c.L * pw, H = 70 + cell * std::max(nb, 1) + 20;
+    std::string s = strf("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%.0f\" height=\"%.0f\" font-family=\"sans-serif\" "
+                         "font-size=\"11\">\n<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n", W, H);
+    s += strf("<text x=\"10\" y=\"16\" font-size=\"13\">%s</text>\n", title.c_str());
+    std::string q = question_of(ex);
+    s += strf("<text x=\"10\" y=\"32\">question %s (size %d); rows: boundaries (one per generated line), columns: "
+              "positions; grey: the line consolidated, dark: older entries recalled</text>\n", q.c_str(), TASKS[task].ood_lo);
+    for (int l = 0; l < c.L; l++) {
+        double x0 = 10 + l * pw, y0 = 50;
+        s += strf("<text x=\"%.0f\" y=\"%.0f\">layer %d</text>\n", x0, y0 - 4, l);
+        s += strf("<rect x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\" fill=\"none\" stroke=\"#ccc\"/>\n", x0, y0,
+                  cell * n, cell * nb);
+        for (int j = 0; j < nb; j++) {
+            const UndoRecord& rec = D.S.undo[(size_t)j * c.L + l];
+            const int* sel = D.S.undo_sel.data() + rec.sel_off;
+            int nrec = c.periodic ? 0 : rec.nS - (rec.e - rec.s);
+            for (int t = rec.s; t < rec.e; t++)
+                s += strf("<rect x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\" fill=\"#ddd\"/>\n", x0 + cell * t,
+                          y0 + cell * j, cell, cell);
+            for (int i = 0; i < nrec; i++)
+                s += strf("<rect x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\" fill=\"#222\"/>\n",
+                          x0 + cell * sel[i], y0 + cell * j, cell, cell);
+        }
+    }
+    write_file(path, s + "</svg>\n");
+}
+
+// results.md and the plots of one regime
+static std::string regime_report(const Experiment& X, const std::string& regime, const std::vector<RunResult>& all,
+                                 const std::string& control) {
+    std::vector<std::string> arms;
+    for (auto& r : all)
+        if (r.regime == regime && std::find(arms.begin(), arms.end(), r.arm) == arms.end()) arms.push_back(r.arm);
+    if (arms.empty()) return "";
+    auto runs_of = [&](const std::string& arm) {
+        std::vector<const RunResult*> v;
+        for (auto& r : all)
+            if (r.regime == regime && r.arm == arm) v.push_back(&r);
+        return v;
+    };
+    auto control_of = [&](int seed) -> const RunResult* {
+        for (auto* r : runs_of(control))
+            if (r->seed == seed) return r;
+        return nullptr;
+    };
+    const TaskInfo& ti = TASKS[X.task];
+    std::string md = strf("\n| arm | params | steps | train time | fwd MFLOP/token | ID answer | OOD answer | OOD all-lines "
+                          "| OOD first wrong line | ΔID vs %s | ΔOOD vs %s |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+                          control.c_str(), control.c_str());
+    for (auto& arm : arms) {
+        std::vector<double> id, ood, lines, fw, t, did, dood;
+        const RunResult* any = nullptr;
+        for (auto* r : runs_of(arm)) {
+            any = r;
+            id.push_back(r->id_answer); ood.push_back(r->ood_answer); lines.push_back(r->ood_lines);
+            fw.push_back(r->ood_first_wrong); t.push_back(r->seconds);
+            if (const RunResult* c = control_of(r->seed)) {
+                did.push_back(r->id_answer - c->id_answer);
+                dood.push_back(r->ood_answer - c->ood_answer);
+            }
+        }
+        bool is_control = arm == control;
+        md += strf("| %s | %ld | %d | %s | %.3f | %s | %s | %s | %s | %s | %s |\n", arm.c_str(), any->params, any->steps,
+                   any->loss.empty() ? "-" : fmt_time(mean_of(t)).c_str(), any->flops / 1e6, pm(id).c_str(), pm(ood).c_str(), pm(lines).c_str(),
+                   pm(fw, "%.1f").c_str(), is_control || did.empty() ? "-" : pm(did, "%+.3f").c_str(),
+                   is_control || dood.empty() ? "-" : pm(dood, "%+.3f").c_str());
+    }
+    // accuracy per size
+    const RunResult* first = runs_of(arms[0])[0];
+    md += "\nAnswer accuracy per problem size (mean over seeds; sizes " + strf("%d..%d", ti.train_lo, ti.train_hi) +
+          " are in distribution):\n\n| arm |";
+    for (int s : first->sizes) md += strf(" %d |", s);
+    md += "\n|---|";
+    for (size_t i = 0; i < first->sizes.size(); i++) md += "---|";
+    md += "\n";
+    Plot acc = plot_begin(strf("%s, %s: answer accuracy by problem size (training sizes shaded)", TASKS[X.task].name,
+                               regime.c_str()), "problem size", "answer accuracy", first->sizes.front(),
+                          first->sizes.back(), 0, 1);
+    acc.svg += strf("<rect x=\"%.1f\" y=\"%.0f\" width=\"%.1f\" height=\"%.0f\" fill=\"#000\" fill-opacity=\"0.07\"/>\n",
+                    acc.px(ti.train_lo), acc.T, acc.px(ti.train_hi) - acc.px(ti.train_lo), acc.H - acc.T - acc.B);
+    double max_steps = 1;
+    for (auto& arm : arms) max_steps = std::max(max_steps, (double)runs_of(arm)[0]->loss.size());
+    std::vector<std::vector<double>> loss_x(arms.size()), loss_y(arms.size());
+    double max_loss = 0.1;
+    for (size_t ai = 0; ai < arms.size(); ai++) {
+        auto runs = runs_of(arms[ai]);
+        std::vector<double> xs, ys;
+        md += "| " + arms[ai] + " |";
+        for (size_t i = 0; i < first->sizes.size(); i++) {
+            std::vector<double> v;
+            for (auto* r : runs)
+                if (i < r->answer.size()) v.push_back(r->answer[i]);
+            md += strf(" %.2f |", mean_of(v));
+            xs.push_back(first->sizes[i]);
+            ys.push_back(mean_of(v));
+        }
+        md += "\n";
+        plot_series(acc, xs, ys, (int)ai, arms[ai], true);
+        size_t n = runs[0]->loss.size();
+        if (n == 0) continue;
+        int win = std::max(1, (int)n / 50);
+        std::vector<double> lx, ly;
+        for (size_t t = 0; t < n; t += std::max(1, win / 2)) {
+            double acc_l = 0;
+            int cnt = 0;
+            for (auto* r : runs)
+                for (size_t u = t; u < std::min(n, t + win) && u < r->loss.size(); u++) { acc_l += r->loss[u]; cnt++; }
+            lx.push_back((double)t);
+            ly.push_back(acc_l / std::max(cnt, 1));
+            if (t >= n / 20) max_loss = std::max(max_loss, ly.back());   // the first 5% would squash the rest
+        }
+        loss_x[ai] = lx; loss_y[ai] = ly;
+    }
+    Plot loss = plot_begin(strf("%s, %s: training loss (mean over seeds, smoothed)", TASKS[X.task].name, regime.c_str()),
+                           "step", "loss", 0, max_steps, 0, max_loss);
+    for (size_t ai = 0; ai < arms.size(); ai++)
+        if (!loss_x[ai].empty()) plot_series(loss, loss_x[ai], loss_y[ai], (int)ai, arms[ai], false);
+    plot_end(acc, X.dir + "/accuracy_" + regime + ".svg");
+    plot_end(loss, X.dir + "/loss_" + regime + ".svg");
+    md += strf("\n![accuracy by size](accuracy_%s.svg) ![loss](loss_%s.svg)\n", regime.c_str(), regime.c_str());
+    return md;
+}
+
+// the width of vanilla-large: the smallest d_model (a multiple of 2 x heads) whose vanilla model
+// has at least as many parameters as backbone + processor
+static int large_width(const Config& base) {
+    Config bt = base;
+    bt.dp = base.C / 2; bt.np = 1; bt.nhp = 4; bt.fp = 3 * bt.dp;
+    Weights w;
+    long want = layout_params(bt, &w, nullptr, nullptr);
+    for (int C = base.C;; C += 2 * base.NH) {
+        Config v = base;
+        v.C = C; v.F = 3 * C;
+        if (layout_params(v, &w, nullptr, nullptr) >= want) return C;
+    }
+}
+
+static void cmd_experiment(const Args& a) {
+    Experiment X;
+    X.task = parse_task(a.str("task"));
+    std::string regime = a.str("regime");
+    if (regime != "v4" && regime != "v1" && regime != "both") BAD_INPUT("--regime must be v4, v1 or both, got '%s'", regime.c_str());
+    int seeds = a.integer("seeds", 1, 100);
+    X.stage1 = a.integer("stage1", 1, 10000000);
+    X.stage2 = a.integer("stage2", 1, 10000000);
+    X.steps = a.integer("steps", 1, 10000000);
+    X.n_eval = a.integer("n", 1, 100000);
+    X.dir = a.str("results") + "/" + TASKS[X.task].name;
+    Config base;
+    base.C = a.integer("d-model", 2, 1 << 14); base.L = a.integer("layers", 1, 256); base.NH = a.integer("heads", 1, 1024);
+    base.F = 3 * base.C;
+    validate_config(base);
+    X.large_width = large_width(base);
+    X.common = {"--task", TASKS[X.task].name, "--batch", a.str("batch")};
+    X.size = {"--d-model", std::to_string(base.C), "--layers", std::to_string(base.L), "--heads", std::to_string(base.NH)};
+    a.integer("batch", 1, 100000);
+    std::set<std::string> only;
+    if (a.has("arms")) {
+        std::stringstream ss(a.str("arms"));
+        std::string w;
+        while (std::getline(ss, w, ',')) {
+            bool known = false;
+            for (auto& arm : ARMS) known |= w == arm.name;
+            if (!known) BAD_INPUT("unknown arm '%s' (see bt experiment --help)", w.c_str());
+            only.insert(w);
+        }
+    }
+    std::filesystem::create_directories(X.dir + "/runs");
+    bool v4 = regime != "v1", v1 = regime != "v4";
+    printf("bt experiment | %s | %s | regime %s | seeds %d\n", TASKS[X.task].name, build_flags().c_str(), regime.c_str(), seeds);
+    printf("  model d_model %d, layers %d, heads %d, batch %s (vanilla-large: d_model %d); v4: stage 1 %d steps, "
+           "stage 2 %d; v1: %d steps; eval %d per size\n", base.C, base.L, base.NH, a.str("batch").c_str(),
+           X.large_width, X.stage1, X.stage2, X.steps, X.n_eval);
+    // the plan: every run in order, with a rough cost (vanilla steps) for the ETA
+    struct Job { std::string regime, arm, init, evict_ckpt; std::vector<std::string> flags; int steps, seed, evict; double cost; };
+    std::vector<Job> jobs;
+    auto cost_of = [](const std::string& flags, int steps) {
+        double f = flags.find("--model bt") != std::string::npos ? 2.5 : 1.0;
+        size_t p = flags.find("--pause ");
+        if (p != std::string::npos) f += atoi(flags.c_str() + p + 8) / 8.0;   // P tokens after every ~8-token line
+        if (flags.find("--d-model") != std::string::npos) f = 1.5;
+        return f * steps + 30;                                                // + evaluation
+    };
+    for (int seed = 1; seed <= seeds; seed++) {
+        std::string init = X.dir + "/runs/" + run_name("v4", "backbone", seed) + ".safetensors";
+        std::string vanilla = X.dir + "/runs/" + run_name("v1", "vanilla", seed) + ".safetensors";
+        if (v4) jobs.push_back({"v4", "backbone", "", "", {"--model", "vanilla"}, X.stage1, seed, 0, cost_of("", X.stage1)});
+        for (auto& arm : ARMS) {
+            std::string r = arm.regime, name = arm.name, flags = arm.flags;
+            bool control = name == "vanilla+extra" || name == "vanilla";   // the controls always run
+            if ((r == "v4" && !v4) || (r == "v1" && !v1) || !(only.empty() || only.count(name) || control)) continue;
+            size_t at = flags.find("LARGE");
+            if (at != std::string::npos) flags.replace(at, 5, std::to_string(X.large_width));
+            int steps = r == "v4" ? X.stage2 : X.steps;
+            jobs.push_back({r, name, r == "v4" ? init : "", vanilla, split_words(flags), steps, seed, arm.evict,
+                            arm.evict ? 30.0 : cost_of(flags, steps)});
+        }
+    }
+    double total = 0, done = 0;
+    for (auto& j : jobs) total += j.cost;
+    double t0 = now_seconds();
+    std::vector<RunResult> all;
+    for (size_t i = 0; i < jobs.size(); i++) {
+        const Job& j = jobs[i];
+        double el = now_seconds() - t0;
+        printf("[%zu/%zu] %s %s seed %d | elapsed %s | ETA %s\n", i + 1, jobs.size(), j.regime.c_str(), j.arm.c_str(),
+               j.seed, fmt_time(el).c_str(), done > 0 && el > 5 ? fmt_time(el / done * (total - done)).c_str() : "-");
+        fflush(stdout);
+        double before = now_seconds();
+        all.push_back(experiment_run(X, j.regime, j.arm, j.flags, j.steps, j.seed, j.init, j.evict, j.evict_ckpt));
+        if (now_seconds() - before > 1) done += j.cost;   // runs found done before do not teach the ETA
+        else total -= j.cost;
+    }
+    // the report
+    double train_seconds = 0;   // v1's vanilla taken from v4's backbone (same steps) is counted once
+    bool shared = v4 && v1 && X.stage1 == X.steps;
+    for (auto& r : all) train_seconds += shared && r.regime == "v1" && r.arm == "vanilla" ? 0 : r.seconds;
+    std::string md = strf("# %s: does the bottleneck help?\n\nWritten by `bt experiment --task %s --regime %s --seeds %d "
+                          "--stage1 %d --stage2 %d --steps %d --d-model %d --layers %d --heads %d --batch %s --n %d%s` "
+                          "(%s; training time summed over the runs: %s). Every arm of a regime sees the same data stream and budget "
+                          "per seed. Mean ± sample standard deviation over seeds; Δ columns: per-seed difference from the "
+                          "regime's control, then mean ± sd. ID sizes %d..%d, OOD %d..%d, %d examples per size.\n",
+                          TASKS[X.task].name, TASKS[X.task].name, regime.c_str(), seeds, X.stage1, X.stage2, X.steps,
+                          base.C, base.L, base.NH, a.str("batch").c_str(), X.n_eval,
+                          a.has("arms") ? (" --arms " + a.str("arms")).c_str() : "", build_flags().c_str(),
+                          fmt_time(train_seconds).c_str(), TASKS[X.task].train_lo, TASKS[X.task].train_hi,
+                          TASKS[X.task].ood_lo, TASKS[X.task].ood_hi, X.n_eval);
+    // the numbers that led to the budgets: written by hand (pilot runs) in calibration.md beside results.md
+    std::ifstream cal(X.dir + "/calibration.md");
+    if (cal.good()) {
+        std::stringstream ss;
+        ss << cal.rdbuf();
+        md += "\n## Calibration: how the sizes and budgets were chosen\n\n(from calibration.md)\n\n" + ss.str();
+    }
+    if (v4) {
+        md += "\n## v4: a processor on a frozen backbone\n\nStage 1 trained a vanilla backbone for " +
+              std::to_string(X.stage1) + " steps (row `backbone`: where every arm starts); every arm then trained " +
+              std::to_string(X.stage2) + " more steps at lr 1e-3. Control: `vanilla+extra`.\n";
+        md += regime_report(X, "v4", all, "vanilla+extra");
+    }
+    if (v1) {
+        md += "\n## v1: end to end from scratch\n\nEvery arm trained " + std::to_string(X.steps) +
+              " steps from scratch. `evictB`: the v1 vanilla model decoding with H2O-style eviction (B older entries "
+              "kept at each newline). Control: `vanilla`.\n";
+        md += regime_report(X, "v1", all, "vanilla");
+    }
+    // the heatmap: v1's newline-schedule model if it ran, else v4's bt (both recall k entries per boundary)
+    bool joint = v1 && std::ifstream(X.dir + "/runs/" + run_name("v1", "bt-joint", 1) + ".safetensors").good();
+    std::string bt_run = X.dir + "/runs/" + run_name(joint ? "v1" : "v4", joint ? "bt-joint" : "bt", 1) + ".safetensors";
+    if (std::ifstream(bt_run).good()) {
+        Model M;
+        load_model(M, bt_run);
+        plot_reconsolidation(M, X.task, strf("%s: what the processor recalls (%s, seed 1)", TASKS[X.task].name,
+                                             joint ? "v1 bt-joint" : "v4 bt"), X.dir + "/reconsolidation.svg");
+        md += "\n## Which entries get reconsolidated\n\n![reconsolidation](reconsolidation.svg)\n";
+    }
+    write_file(X.dir + "/results.md", md);
+    printf("\n%s\nwrote %s/results.md and its plots in %s\n", md.c_str(), X.dir.c_str(), fmt_time(now_seconds() - t0).c_str());
+}
