@@ -8,8 +8,13 @@ DIR/ref_backbone.safetensors   a tiny backbone: weights, one batch, logits, loss
 DIR/ref_processor.safetensors  backbone + Cache Processor: the segment loop with the newline and
                                periodic:8 schedules, selections, rewritten caches, gradients (bptt
                                full / step, frozen / joint).
+DIR/ref_latent.safetensors     the latent rollout baseline (Coconut-style, latent = 2): a backbone whose
+                               input at every PAUSE position is the previous position's normed final
+                               state; weights, tokens, logits, loss, the fed-back inputs, every gradient.
 Only the standard library and torch; the safetensors files are written and read by hand. The reader
 and writer need no torch, so tests/check_format.py can import them from a venv without it.
+The float32 results depend on the BLAS kernels: the committed files come from OpenBLAS's AVX2 kernels,
+so on an AVX-512 machine OPENBLAS_CORETYPE=Haswell reproduces them byte for byte.
 """
 import argparse
 import json
@@ -37,8 +42,16 @@ def encode(text):
     return [VOCAB.index(ch) for ch in text]
 
 
-EX0 = [BOS] + encode("1*4-0+3\n1*4=4\n4-0=4\n4+3=7\n#7$") + [PAD]
-EX1 = [BOS] + encode("5+9*2-7\n5+9=4\n4*2=8\n8-7=1\n#1$") + [PAUSE]
+TEXT0, TEXT1 = "1*4-0+3\n1*4=4\n4-0=4\n4+3=7\n#7$", "5+9*2-7\n5+9=4\n4*2=8\n8-7=1\n#1$"
+EX0 = [BOS] + encode(TEXT0) + [PAD]
+EX1 = [BOS] + encode(TEXT1) + [PAUSE]
+LATENT = 2   # latent positions after every newline (the latent rollout reference)
+
+
+def with_latent(text, p):
+    """p PAUSE placeholders after every newline: "a\nb\n" -> "a\n__b\n__" for p = 2."""
+    return text.replace("\n", "\n" + "_" * p)
+
 
 BACKBONE_CFG = dict(vocab_size=48, d_model=32, n_layers=2, n_heads=2, ffn_hidden=96, max_seq_len=64,
                     rope_theta=10000, norm_eps=1e-5)
@@ -196,6 +209,44 @@ def run(W, tokens, cfg, bounds=(), proc=None):
     return torch.cat(logits, 1), trace
 
 
+def latent_positions(tokens):
+    """The latent positions: those whose token is PAUSE, the same in every row, never position 0."""
+    lat = (tokens[0] == PAUSE).nonzero()[:, 0].tolist()
+    assert all((row == PAUSE).nonzero()[:, 0].tolist() == lat for row in tokens) and 0 not in lat
+    return lat
+
+
+def backbone_segment(W, x, s, K, V, cfg):
+    """The layers on input vectors x [B, n, C] at positions [s, s+n), causal over the cache K, V (lists
+    per layer, extended in place). Returns h = rmsnorm(x_L, final_norm), so logits = h tok_emb^T."""
+    pos = torch.arange(s, s + x.shape[1])
+    for l in range(cfg["n_layers"]):
+        x, K[l], V[l], _ = block(W, f"layers.{l}.", x, pos, cfg["n_heads"], cfg, (K[l], V[l]))
+    return rmsnorm(x, W["final_norm"], cfg["norm_eps"])
+
+
+def run_latent(W, tokens, cfg, detach=False):
+    """Latent rollout: the backbone, but the input at a latent position t (token PAUSE) is
+    h[t-1] = rmsnorm(x_L[t-1], final_norm), the vector behind logits[t-1], not tok_emb[PAUSE]; a chain
+    over consecutive latent positions. Segments: every latent position alone, the token runs between
+    them whole; one KV cache throughout. detach: feed h[t-1].detach() (the chain carries no gradient).
+    Returns logits [B, T, V] and the fed-back inputs [B, n_latent, C] in position order."""
+    B, T = tokens.shape
+    lat = latent_positions(tokens)
+    K = [torch.zeros(B, 0, cfg["d_model"], dtype=W["tok_emb"].dtype) for _ in range(cfg["n_layers"])]
+    V = list(K)
+    edges = sorted({0, T, *lat, *(p + 1 for p in lat)})
+    hs, fed = [], []
+    for s, e in zip(edges[:-1], edges[1:]):
+        if s in lat:   # e = s + 1; hs[-1] ends at position s - 1
+            x = hs[-1][:, -1:].detach() if detach else hs[-1][:, -1:]
+            fed.append(x)
+        else:
+            x = W["tok_emb"][tokens[:, s:e]]
+        hs.append(backbone_segment(W, x, s, K, V, cfg))
+    return torch.cat(hs, 1) @ W["tok_emb"].T, torch.cat(fed, 1)
+
+
 def loss_fn(logits, tokens):
     """Mean of -log p(tokens[t+1] | logits[t]) over targets t+1 > q (q = first newline of the example)
     that are neither PAD nor PAUSE."""
@@ -351,16 +402,74 @@ def fd_check(W, tokens, cfg, bounds, out):
         assert all(torch.equal(t, out[f"newline.sel.{j}.{l}"]) for l, t in enumerate(tops))
     for name, idx in [("proc.0.w_in", (3, 40)), ("proc.1.gate", (0,)), ("proc.0.blocks.0.wq", (1, 2)),
                       ("proc.1.w_out", (5, 7)), ("proc.0.blocks.0.attn_norm", (4,))]:
-        h, orig = 1e-6, W64[name].detach()[idx].item()
-        with torch.no_grad():
-            W64[name][idx] = orig + h
-            lp = loss64().item()
-            W64[name][idx] = orig - h
-            lm = loss64().item()
-            W64[name][idx] = orig
-        fd, ag = (lp - lm) / (2 * h), g64[name][idx].item()
+        fd, ag = central_diff(loss64, W64[name], idx), g64[name][idx].item()
         g32 = out[f"newline_full.grad.{name}"][idx].item()
         print(f"  fd check {name}{list(idx)}: autograd64 {ag:+.9e} fd {fd:+.9e} float32 {g32:+.6e}")
+        assert abs(fd - ag) <= 1e-5 * abs(ag) + 1e-9 and abs(g32 - ag) <= 1e-3 * abs(ag) + 1e-7
+
+
+def central_diff(loss64, w, idx, h=1e-6):
+    """(loss(w[idx] + h) - loss(w[idx] - h)) / 2h, w[idx] restored afterwards."""
+    orig = w.detach()[idx].item()
+    with torch.no_grad():
+        w[idx] = orig + h
+        lp = loss64().item()
+        w[idx] = orig - h
+        lm = loss64().item()
+        w[idx] = orig
+    return (lp - lm) / (2 * h)
+
+
+def build_latent(cfg, tokens):
+    """The latent rollout reference, with its self-checks."""
+    names, lat = backbone_names(cfg["n_layers"]), latent_positions(tokens)
+    W = init_params(names, cfg)
+    logits, fed = run_latent(W, tokens, cfg)
+    loss = loss_fn(logits, tokens)
+    out = {**W, "tokens": tokens, "logits": logits, "loss": loss.reshape(1), "latent_inputs": fed}
+    out.update({f"grad.{n}": g for n, g in grads(loss, W, names).items()})
+    with torch.no_grad():
+        # the prefix before the first latent position is the plain backbone
+        plain = run(W, tokens, cfg)[0]
+        assert (logits[:, :lat[0]] - plain[:, :lat[0]]).abs().max() < 1e-5
+        assert (logits[:, lat[0]:] - plain[:, lat[0]:]).abs().max() > 1e-2
+        # fed[:, j] is the vector behind logits[lat[j] - 1]
+        assert (fed @ W["tok_emb"].T - logits[:, [p - 1 for p in lat]]).abs().max() < 1e-5
+        # given the fed-back inputs, the segment loop is one causal pass
+        x = W["tok_emb"][tokens].index_put((torch.arange(len(tokens))[:, None], torch.tensor(lat)), fed)
+        K = [torch.zeros(len(tokens), 0, cfg["d_model"]) for _ in range(cfg["n_layers"])]
+        one = backbone_segment(W, x, 0, K, list(K), cfg) @ W["tok_emb"].T
+        assert (one - logits).abs().max() < 1e-5
+    # the gradient through the chain matters: detaching the fed-back inputs changes every gradient
+    logits_d = run_latent(W, tokens, cfg, detach=True)[0]
+    assert torch.equal(logits_d, logits)
+    gd = grads(loss_fn(logits_d, tokens), W, names)
+    assert out["grad.tok_emb"].abs().max() > 0
+    for n in names:
+        g = out[f"grad.{n}"]
+        assert (g - gd[n]).abs().max() > 1e-3 * g.abs().max(), n
+    print(f"  max |grad.tok_emb| = {out['grad.tok_emb'].abs().max().item():.3e}, detached chain: "
+          f"max |diff| = {(out['grad.tok_emb'] - gd['tok_emb']).abs().max().item():.3e}")
+    fd_check_latent(W, tokens, cfg, out)
+    return out
+
+
+def fd_check_latent(W, tokens, cfg, out):
+    """Central finite differences in float64 for a few backbone entries of the latent rollout, against
+    autograd64 (chain kept) and the float32 gradient in the file; `detached` is autograd64 without the
+    chain, for scale."""
+    W64 = {n: w.detach().double().requires_grad_() for n, w in W.items()}
+
+    def loss64(detach=False):
+        return loss_fn(run_latent(W64, tokens, cfg, detach)[0], tokens)
+    g64, g64d = grads(loss64(), W64, list(W64)), grads(loss64(True), W64, list(W64))
+    for name, idx in [("layers.0.wq", (1, 2)), ("layers.1.w2", (5, 7)), ("final_norm", (4,)),
+                      ("layers.0.attn_norm", (9,)), ("tok_emb", (NL, 7)),
+                      ("tok_emb", (VOCAB.index("4"), 3))]:   # rows of real tokens: '\n' and '4'
+        fd, ag = central_diff(loss64, W64[name], idx), g64[name][idx].item()
+        g32 = out[f"grad.{name}"][idx].item()
+        print(f"  fd check {name}{list(idx)}: autograd64 {ag:+.9e} fd {fd:+.9e} float32 {g32:+.6e} "
+              f"detached {g64d[name][idx].item():+.6e}")
         assert abs(fd - ag) <= 1e-5 * abs(ag) + 1e-9 and abs(g32 - ag) <= 1e-3 * abs(ag) + 1e-7
 
 
@@ -405,6 +514,19 @@ def main():
     n2 = save(p2, ref2, {**cfg2, **tc})
     print(f"wrote {p2}: {len(ref2)} tensors, {n2} bytes, newline.loss {ref2['newline.loss'].item():.6f}, "
           f"periodic.loss {ref2['periodic.loss'].item():.6f}, {time.time() - t0:.1f}s")
+
+    torch.manual_seed(4321)   # after the two files above, so that they do not depend on this one
+    tokens3 = torch.tensor([[BOS] + encode(with_latent(t, LATENT)) + [PAD] for t in (TEXT0, TEXT1)])
+    lat = latent_positions(tokens3)
+    assert tokens3.shape == (2, 39) and tokens3.shape[1] <= cfg["max_seq_len"]
+    assert lat == [9, 10, 17, 18, 25, 26, 33, 34] and newline_bounds(tokens3) == [8, 16, 24, 32]
+    cfg3 = {**cfg, "latent": LATENT}
+    ref3 = build_latent(cfg3, tokens3)
+    assert ref3["latent_inputs"].shape == (2, len(lat), cfg["d_model"])
+    p3 = out_dir / "ref_latent.safetensors"
+    n3 = save(p3, ref3, {**cfg3, **tc})
+    print(f"wrote {p3}: {len(ref3)} tensors, {n3} bytes, loss {ref3['loss'].item():.6f}, "
+          f"latent positions {lat}, {time.time() - t0:.1f}s")
 
 
 if __name__ == "__main__":
