@@ -9,7 +9,7 @@
 //                  ./bt eval --ckpt chain.safetensors --task chain
 // On a GPU:        make USE_CUDA=1 && ./bt train --device cuda ...   (every op through kernels.cu)
 // Tests:           make test        (tests/test_bt.cpp includes this file with BT_TESTING)
-// Design of record: DESIGN.md in the shared folder; the exact model spec: tests/MODEL_SPEC.md.
+// The exact model: tests/MODEL_SPEC.md; the choices the paper leaves open: README.md, "Design choices".
 //
 // Sections: errors and small utilities -> vocabulary -> config -> parameters -> one transformer
 // block -> backbone and run state -> THE CACHE PROCESSOR -> training through time -> optimizer ->
@@ -23,6 +23,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <memory>
 #include <set>
 #include <sstream>
 #include <stdexcept>
@@ -197,7 +198,8 @@ static std::vector<int> tokenize(const std::string& text, const std::string& whe
 }
 
 // =============================================================================================
-// Config: model sizes. The processor is present iff dp > 0.
+// Config: model sizes. The processor is present iff proc_width > 0. In shape comments C is
+// d_model and Cp the processor width.
 // =============================================================================================
 struct Config {
     int V = VOCAB_SIZE;   // vocabulary size
@@ -207,32 +209,55 @@ struct Config {
     int F = 384;          // SwiGLU hidden width
     int T = 256;          // max sequence length (sizes buffers; RoPE needs no table)
     float theta = 10000.0f, eps = 1e-5f;
-    // Cache Processor (DESIGN §4)
-    int dp = 0;           // processor width; 0 = no processor
-    int np = 1;           // processor blocks per backbone layer
-    int nhp = 4;          // processor heads
-    int fp = 0;           // processor SwiGLU hidden width
+    // Cache Processor (tests/MODEL_SPEC.md, "Cache Processor")
+    int proc_width = 0;   // processor width; 0 = no processor
+    int proc_layers = 1;  // processor blocks per backbone layer
+    int proc_heads = 4;   // processor heads
+    int proc_ffn = 0;     // processor SwiGLU hidden width
     int k = 4;            // top-k reconsolidated older entries per layer (newline schedule)
     int periodic = 0;     // 0: newline schedule; N > 0: periodic:N (whole cache every N tokens)
-    // pause-token baseline (DESIGN §7): this many PAUSE tokens are fed after every newline
+    // pause-token baseline (README, "Design choices"): this many PAUSE tokens after every newline
     int pause = 0;
 };
 
+// Every integer of the config once: its checkpoint metadata key, its bt train flag, and the range
+// both accept. PROC keys exist iff proc_width > 0; an OPTIONAL key is 0 when absent.
+enum KeyKind { BACKBONE_KEY, PROC_KEY, OPTIONAL_KEY };
+struct ConfigKey { const char* key; const char* flag; int Config::*field; int lo, hi; KeyKind kind; };
+static const ConfigKey CONFIG_KEYS[] = {
+    {"vocab_size", "", &Config::V, 1, 1 << 16, BACKBONE_KEY},
+    {"d_model", "d-model", &Config::C, 2, 1 << 14, BACKBONE_KEY},
+    {"n_layers", "layers", &Config::L, 1, 256, BACKBONE_KEY},
+    {"n_heads", "heads", &Config::NH, 1, 1024, BACKBONE_KEY},
+    {"ffn_hidden", "ffn", &Config::F, 1, 1 << 16, BACKBONE_KEY},
+    {"max_seq_len", "max-seq-len", &Config::T, 2, 1 << 15, BACKBONE_KEY},
+    {"proc_width", "proc-width", &Config::proc_width, 1, 1 << 14, PROC_KEY},
+    {"proc_layers", "proc-layers", &Config::proc_layers, 1, 64, PROC_KEY},
+    {"proc_heads", "proc-heads", &Config::proc_heads, 1, 1024, PROC_KEY},
+    {"proc_ffn_hidden", "proc-ffn", &Config::proc_ffn, 1, 1 << 16, PROC_KEY},
+    {"k", "k", &Config::k, 0, 64, PROC_KEY},
+    {"pause", "pause", &Config::pause, 1, 64, OPTIONAL_KEY},
+};
+static const ConfigKey& config_key(const char* key) {
+    for (auto& k : CONFIG_KEYS)
+        if (!strcmp(k.key, key) || !strcmp(k.flag, key)) return k;
+    INTERNAL("no config key '%s'", key);
+}
+static bool key_present(const ConfigKey& k, const Config& c) {
+    return k.kind == BACKBONE_KEY || (k.kind == PROC_KEY ? c.proc_width > 0 : c.*k.field != 0);
+}
+
 static void validate_config(const Config& c) {
-    if (c.C <= 0 || c.L <= 0 || c.NH <= 0 || c.F <= 0 || c.T < 2)
-        BAD_INPUT("model sizes must be positive (d_model %d, layers %d, heads %d, ffn %d, max_seq_len %d)", c.C, c.L,
-                  c.NH, c.F, c.T);
+    for (auto& k : CONFIG_KEYS)
+        if (key_present(k, c) && (c.*k.field < k.lo || c.*k.field > k.hi))
+            BAD_INPUT("%s %d is out of range [%d, %d]", k.key, c.*k.field, k.lo, k.hi);
     if (c.C % c.NH != 0 || (c.C / c.NH) % 2 != 0)
         BAD_INPUT("heads (%d) must divide d_model (%d) into an even head size (RoPE rotates pairs)", c.NH, c.C);
     if (c.V != VOCAB_SIZE) BAD_INPUT("vocab_size is %d, bt's vocabulary has %d tokens", c.V, VOCAB_SIZE);
-    if (c.dp > 0) {
-        if (c.np <= 0 || c.nhp <= 0 || c.fp <= 0 || c.k < 0 || c.k > 64 || c.periodic < 0)
-            BAD_INPUT("processor sizes must be positive, k at most 64 (width %d, layers %d, heads %d, ffn %d, k %d)", c.dp, c.np,
-                      c.nhp, c.fp, c.k);
-        if (c.dp % c.nhp != 0 || (c.dp / c.nhp) % 2 != 0)
-            BAD_INPUT("processor heads (%d) must divide the processor width (%d) into an even head size", c.nhp, c.dp);
-    }
-    if (c.pause < 0 || c.pause > 64) BAD_INPUT("pause must be in [0, 64], got %d", c.pause);
+    if (c.proc_width > 0 && (c.proc_width % c.proc_heads != 0 || (c.proc_width / c.proc_heads) % 2 != 0))
+        BAD_INPUT("processor heads (%d) must divide the processor width (%d) into an even head size", c.proc_heads,
+                  c.proc_width);
+    if (c.periodic < 0 || c.pause < 0) BAD_INPUT("periodic and pause must not be negative");
 }
 
 // the text a pause model reads: P PAUSE tokens ('_') after every newline
@@ -258,10 +283,10 @@ struct BlockW {                  // one pre-norm transformer block (backbone or 
     float* w2;                   // (C,F)
 };
 struct ProcW {                   // the Cache Processor of one backbone layer
-    float* w_in;                 // (dp, 2C)   KV-token projection
-    std::vector<BlockW> blocks;  // np blocks of width dp
-    float* final_norm;           // (dp)
-    float* w_out;                // (2C, dp)   back to [dK | dV]; starts at zero
+    float* w_in;                 // (Cp, 2C)   KV-token projection
+    std::vector<BlockW> blocks;  // proc_layers blocks of width Cp
+    float* final_norm;           // (Cp)
+    float* w_out;                // (2C, Cp)   back to [dK | dV]; starts at zero
     float* gate;                 // (1)        g; the write-back is scaled by sigmoid(g)
 };
 struct Weights {
@@ -305,15 +330,15 @@ static long layout_params(const Config& c, Weights* w, float* base, std::vector<
     add(&w->tok_emb, "tok_emb", {c.V, c.C}, 0, false);
     for (int l = 0; l < c.L; l++) add_block(w->layers[l], "layers." + std::to_string(l) + ".", c.C, c.F, false);
     add(&w->final_norm, "final_norm", {c.C}, 1, false);
-    w->proc.resize(c.dp > 0 ? c.L : 0);
+    w->proc.resize(c.proc_width > 0 ? c.L : 0);
     for (int l = 0; l < (int)w->proc.size(); l++) {
         ProcW& p = w->proc[l];
         std::string pre = "proc." + std::to_string(l) + ".";
-        add(&p.w_in, pre + "w_in", {c.dp, 2 * c.C}, 0, true);
-        p.blocks.resize(c.np);
-        for (int i = 0; i < c.np; i++) add_block(p.blocks[i], pre + "blocks." + std::to_string(i) + ".", c.dp, c.fp, true);
-        add(&p.final_norm, pre + "final_norm", {c.dp}, 1, true);
-        add(&p.w_out, pre + "w_out", {2 * c.C, c.dp}, 2, true);
+        add(&p.w_in, pre + "w_in", {c.proc_width, 2 * c.C}, 0, true);
+        p.blocks.resize(c.proc_layers);
+        for (int i = 0; i < c.proc_layers; i++) add_block(p.blocks[i], pre + "blocks." + std::to_string(i) + ".", c.proc_width, c.proc_ffn, true);
+        add(&p.final_norm, pre + "final_norm", {c.proc_width}, 1, true);
+        add(&p.w_out, pre + "w_out", {2 * c.C, c.proc_width}, 2, true);
         add(&p.gate, pre + "gate", {1}, 3, true);
     }
     return cv.off;
@@ -401,7 +426,7 @@ static void init_params(Model& M, float* start, float* end, uint64_t seed) {
         float* x = M.params.data() + p.offset;
         if (x < start || x >= end) continue;
         float std = 1.0f / sqrtf((float)p.shape.back());
-        if (p.kind == 4) std /= sqrtf(2.0f * (p.proc ? M.cfg.np : M.cfg.L));
+        if (p.kind == 4) std /= sqrtf(2.0f * (p.proc ? M.cfg.proc_layers : M.cfg.L));
         for (long i = 0; i < p.numel; i++) {
             float r = rng.normal();
             switch (p.kind) {
@@ -424,7 +449,17 @@ static void model_init_random(Model& M, uint64_t seed) {
 // All buffers are time-major (T,B,·): row t*B+b. A call computes rows [s,e); its attention reads
 // keys (and writes k,v) in rows [0,e). For the backbone, the k and v buffers ARE the KV cache.
 // =============================================================================================
-struct BlockDims { int C, NH, HS, F; };
+struct BlockDims { int C, NH, HS, F; float theta, eps; };   // width, heads, head size, SwiGLU width
+static BlockDims backbone_dims(const Config& c) { return {c.C, c.NH, c.C / c.NH, c.F, c.theta, c.eps}; }
+static BlockDims proc_dims(const Config& c) {
+    return {c.proc_width, c.proc_heads, c.proc_width / c.proc_heads, c.proc_ffn, c.theta, c.eps};
+}
+
+// A call works on rows [s,e) of time-major (T,B,·) buffers: row t*B+b. T is also the row stride
+// of the attention matrix. The backbone attends causally (over the KV cache), a processor block
+// over all its rows.
+struct Span { int s, e, B, T; };
+enum Attention { NON_CAUSAL = 0, CAUSAL = 1 };
 
 struct BlockActs {          // saved activations of one block, capacity (T,B)
     float* ln1;             // (T,B,C)    RMSNorm(x)
@@ -461,9 +496,9 @@ static void carve_block_scratch(Carver& cv, BlockScratch& s, int C, int F, long 
 // T is the row stride of a.att. wt: w's matrices transposed (a Decoder's), or nullptr (each
 // matmul then transposes its own).
 static void block_forward(float* out, BlockActs& a, const float* x, const BlockW& w, const BlockW* wt,
-                          const BlockDims& d, const int* pos, int s, int e, int B, int T, int causal, float theta,
-                          float eps) {
-    int C = d.C, N = (e - s) * B;
+                          const BlockDims& d, const int* pos, Span sp, Attention causal) {
+    int s = sp.s, e = sp.e, B = sp.B, T = sp.T, C = d.C, N = (e - s) * B;
+    float theta = d.theta, eps = d.eps;
     long r0 = (long)s * B;
     auto WT = [&](float* BlockW::*f) -> const float* { return wt ? wt->*f : nullptr; };
     // attention half: ln1 = RMSNorm(x); q,k,v = ln1 Wq^T, Wk^T, Wv^T; RoPE on q and k
@@ -494,9 +529,10 @@ static void block_forward(float* out, BlockActs& a, const float* x, const BlockW
 //     guarantees it) because this call consumes them for the k and v projections.
 //   gw: weight gradients, or nullptr for a frozen block (activation gradients still flow).
 static void block_backward(float* dx, float* dk, float* dv, BlockW* gw, BlockScratch& sc, const BlockActs& a,
-                           const float* x, const BlockW& w, const BlockDims& d, const int* pos, int s, int e, int B,
-                           int T, int causal, float theta) {
-    int C = d.C, F = d.F, N = (e - s) * B;
+                           const float* x, const BlockW& w, const BlockDims& d, const int* pos, Span sp,
+                           Attention causal) {
+    int s = sp.s, e = sp.e, B = sp.B, T = sp.T, C = d.C, F = d.F, N = (e - s) * B;
+    float theta = d.theta;
     long r0 = (long)s * B, nC = (long)N * C, nF = (long)N * F;
     auto G = [&](float* BlockW::*f) { return gw ? gw->*f : nullptr; };
     // forward did out = x2 + g W2^T and g = silu(h1) * h3, h = ln2 W^T
@@ -551,13 +587,13 @@ struct ProcActs {             // one firing of one layer's processor, capacity (
     int* sel;                 // (S,B) positions rewritten (row n*B+b), ascending per b
     float* scores;            // (B,T) attention mass per prior position (-inf once chosen)
     float* u;                 // (S,B,2C) KV-tokens before W_in: [K | V] gathered from the cache
-    std::vector<float*> xs;   // np+1 of (S,B,dp): residual stream through the processor blocks
-    std::vector<BlockActs> blocks;  // np
-    float *lnf, *rstdf;       // (S,B,dp), (S,B)
+    std::vector<float*> xs;   // proc_layers+1 of (S,B,Cp): residual stream through the processor blocks
+    std::vector<BlockActs> blocks;  // proc_layers
+    float *lnf, *rstdf;       // (S,B,Cp), (S,B)
     float* delta;             // (S,B,2C) W_out output: [dK | dV] before the gate
     // gradients (training only)
-    float *dx, *dlnf, *ddelta, *du;  // (S,B,dp) (S,B,dp) (S,B,2C) (S,B,2C)
-    float *dk, *dv;                   // (S,B,dp) the blocks' own keys and values
+    float *dx, *dlnf, *ddelta, *du;  // (S,B,Cp) (S,B,Cp) (S,B,2C) (S,B,2C)
+    float *dk, *dv;                   // (S,B,Cp) the blocks' own keys and values
 };
 
 struct RunState {
@@ -587,11 +623,11 @@ struct RunState {
     // Cache Processor
     ProcActs pa;
     std::vector<UndoRecord> undo;      // one record per (boundary, layer), in firing order
-    std::vector<int> undo_sel;         // the records' entries (CPU; reserved, so appending allocates nothing)
-    std::vector<float> undo_u;
-    int* dev_undo_sel = nullptr;       // --device cuda: the entries in device memory, of the capacity
-    float* dev_undo_u = nullptr;       //   the vectors reserve on the CPU; filled up to undo_*_n
+    int* undo_sel = nullptr;           // the records' entries, filled up to undo_sel_n and undo_u_n:
+    float* undo_u = nullptr;           //   where the other buffers are (host, or device memory)
     long undo_sel_n = 0, undo_u_n = 0, undo_sel_cap = 0, undo_u_cap = 0;
+    std::unique_ptr<int[]> undo_sel_host;     // their storage on the CPU (left uninitialised: most
+    std::unique_ptr<float[]> undo_u_host;     //   runs never fill the capacity)
     std::vector<int> bounds;           // segment starts of the current batch, then T (segment_bounds)
     int n_tok = 0;                     // positions filled so far (decoding)
     const Weights* wt = nullptr;       // the backbone's matrices transposed, for the forward's matmuls
@@ -600,7 +636,7 @@ struct RunState {
 
 static void carve_run_state(Carver& cv, RunState& S, const Config& c, int T, int B, bool train) {
     long TB = (long)T * B;
-    BlockDims d{c.C, c.NH, c.C / c.NH, c.F};
+    BlockDims d = backbone_dims(c);
     S.xs.resize(c.L + 1);
     S.acts.resize(c.L);
     for (int l = 0; l <= c.L; l++) S.xs[l] = cv.take(TB * c.C);
@@ -612,24 +648,24 @@ static void carve_run_state(Carver& cv, RunState& S, const Config& c, int T, int
     if (train) {
         for (int l = 0; l < c.L; l++) { S.dK[l] = cv.take(TB * c.C); S.dV[l] = cv.take(TB * c.C); }
         S.dx = cv.take(TB * c.C); S.dlnf = cv.take(TB * c.C); S.dlogits = cv.take(TB * c.V);
-        carve_block_scratch(cv, S.sc, std::max(c.C, c.dp), std::max(c.F, c.fp), (T + c.k) * (long)B);
+        carve_block_scratch(cv, S.sc, std::max(c.C, c.proc_width), std::max(c.F, c.proc_ffn), (T + c.k) * (long)B);
     }
-    if (c.dp > 0) {
-        int Sn = T + c.k;   // most entries one firing can rewrite (periodic: the whole cache)
-        long SB = (long)Sn * B;
-        BlockDims pd{c.dp, c.nhp, c.dp / c.nhp, c.fp};
+    if (c.proc_width > 0) {
+        int nS_max = T + c.k;   // most entries one firing can rewrite (periodic: the whole cache)
+        long SB = (long)nS_max * B;
+        BlockDims pd = proc_dims(c);
         ProcActs& p = S.pa;
         p.scores = cv.take((long)B * T);
         p.u = cv.take(SB * 2 * c.C);
-        p.xs.resize(c.np + 1);
-        p.blocks.resize(c.np);
-        for (int i = 0; i <= c.np; i++) p.xs[i] = cv.take(SB * c.dp);
-        for (int i = 0; i < c.np; i++) carve_block_acts(cv, p.blocks[i], pd, Sn, B);
-        p.lnf = cv.take(SB * c.dp); p.rstdf = cv.take(SB); p.delta = cv.take(SB * 2 * c.C);
+        p.xs.resize(c.proc_layers + 1);
+        p.blocks.resize(c.proc_layers);
+        for (int i = 0; i <= c.proc_layers; i++) p.xs[i] = cv.take(SB * c.proc_width);
+        for (int i = 0; i < c.proc_layers; i++) carve_block_acts(cv, p.blocks[i], pd, nS_max, B);
+        p.lnf = cv.take(SB * c.proc_width); p.rstdf = cv.take(SB); p.delta = cv.take(SB * 2 * c.C);
         if (train) {
-            p.dx = cv.take(SB * c.dp); p.dlnf = cv.take(SB * c.dp);
+            p.dx = cv.take(SB * c.proc_width); p.dlnf = cv.take(SB * c.proc_width);
             p.ddelta = cv.take(SB * 2 * c.C); p.du = cv.take(SB * 2 * c.C);
-            p.dk = cv.take(SB * c.dp); p.dv = cv.take(SB * c.dp);
+            p.dk = cv.take(SB * c.proc_width); p.dv = cv.take(SB * c.proc_width);
         }
     }
 }
@@ -639,26 +675,31 @@ static void run_state_build(RunState& S, const Config& c, int T, int B, bool tra
     S.B = B; S.T = T; S.train = train; S.dev = g_device;
     Carver count{nullptr};
     carve_run_state(count, S, c, T, B, train);
-    int Sn = T + c.k;
-    long TB = (long)T * B, n_int = TB * 3 + (long)Sn * B;
+    int nS_max = T + c.k;
+    long TB = (long)T * B, n_int = TB * 3 + (long)nS_max * B;
     // the undo log: enough for the whole cache rewritten at every boundary of a periodic schedule
     // (sum over boundaries of e), or for newline (every position once plus k recalled per boundary)
-    long rows = c.dp == 0 ? 0 : c.periodic > 0 ? (long)T * (T / c.periodic + 1) : (long)T * (1 + c.k);
+    long rows = c.proc_width == 0 ? 0 : c.periodic > 0 ? (long)T * (T / c.periodic + 1) : (long)T * (1 + c.k);
     long cap_sel = rows * B * c.L, cap_u = rows * B * 2 * c.C * c.L;
     S.imem.assign(n_int, 0);
     float* fbase = nullptr;
     int* ibase = nullptr;
+    S.undo_u_cap = cap_u;
+    S.undo_sel_cap = cap_sel;
     if (S.dev) {   // device memory, zeroed like the vectors; the undo log's entries after the rest
         S.dmem.alloc(sizeof(float) * (count.off + cap_u));
         S.dimem.alloc(sizeof(int) * (n_int + cap_sel));
         fbase = (float*)S.dmem.p;
         ibase = (int*)S.dimem.p;
-        S.dev_undo_u = fbase + count.off; S.undo_u_cap = cap_u;
-        S.dev_undo_sel = ibase + n_int; S.undo_sel_cap = cap_sel;
+        S.undo_u = fbase + count.off;
+        S.undo_sel = ibase + n_int;
         S.hmem.assign(TB * (2 + c.V), 0.0f);
     } else {
         S.dmem.release(); S.dimem.release();
-        S.dev_undo_u = nullptr; S.dev_undo_sel = nullptr; S.undo_u_cap = S.undo_sel_cap = 0;
+        S.undo_u_host.reset(cap_u ? new float[cap_u] : nullptr);
+        S.undo_sel_host.reset(cap_sel ? new int[cap_sel] : nullptr);
+        S.undo_u = S.undo_u_host.get();
+        S.undo_sel = S.undo_sel_host.get();
         S.mem.assign(count.off, 0.0f);
         fbase = S.mem.data();
         ibase = S.imem.data();
@@ -678,13 +719,7 @@ static void run_state_build(RunState& S, const Config& c, int T, int B, bool tra
     for (long r = 0; r < TB; r++) S.h_pos[r] = (int)(r / B);
     to_device(S.pos, S.h_pos, sizeof(int) * TB);
     S.bounds.reserve(T + 1);   // so that a training step allocates nothing
-    if (c.dp > 0) {
-        S.undo.reserve(T * c.L);
-        if (!S.dev) {
-            S.undo_sel.reserve(cap_sel);
-            S.undo_u.reserve(cap_u);
-        }
-    }
+    if (c.proc_width > 0) S.undo.reserve(T * c.L);
 }
 
 // =============================================================================================
@@ -695,11 +730,11 @@ static void backbone_forward(const Model& M, RunState& S, int s, int e) {
     const Config& c = M.cfg;
     int B = S.B, N = (e - s) * B;
     long r0 = (long)s * B;
-    BlockDims d{c.C, c.NH, c.C / c.NH, c.F};
+    BlockDims d = backbone_dims(c);
     OP(embedding_forward(S.xs[0] + r0 * c.C, S.tokens + r0, M.w.tok_emb, N, c.C));
     for (int l = 0; l < c.L; l++)
-        block_forward(S.xs[l + 1], S.acts[l], S.xs[l], M.w.layers[l], S.wt ? &S.wt->layers[l] : nullptr, d, S.pos, s, e,
-                      B, S.T, 1, c.theta, c.eps);
+        block_forward(S.xs[l + 1], S.acts[l], S.xs[l], M.w.layers[l], S.wt ? &S.wt->layers[l] : nullptr, d, S.pos,
+                      Span{s, e, B, S.T}, CAUSAL);
     OP(rmsnorm_forward(S.lnf + r0 * c.C, S.rstdf + r0, S.xs[c.L] + r0 * c.C, M.w.final_norm, N, c.C, c.eps));
     // LM head tied to the embedding: logits = lnf tok_emb^T
     OP(matmul_forward(S.logits + r0 * c.V, S.lnf + r0 * c.C, M.w.tok_emb, S.wt ? S.wt->tok_emb : nullptr, N, c.C, c.V));
@@ -714,7 +749,7 @@ static void backbone_backward(Model& M, RunState& S, int s, int e, bool train_we
     const Config& c = M.cfg;
     int B = S.B, N = (e - s) * B;
     long r0 = (long)s * B;
-    BlockDims d{c.C, c.NH, c.C / c.NH, c.F};
+    BlockDims d = backbone_dims(c);
     float* gemb = train_weights ? M.g.tok_emb : nullptr;
     OP(zero(S.dlogits + r0 * c.V, (long)N * c.V));
     OP(crossentropy_backward(S.dlogits + r0 * c.V, S.probs + r0 * c.V, S.targets + r0, S.weight + r0, 1.0f, N, c.V));
@@ -725,7 +760,7 @@ static void backbone_backward(Model& M, RunState& S, int s, int e, bool train_we
                         S.xs[c.L] + r0 * c.C, M.w.final_norm, S.rstdf + r0, N, c.C));
     for (int l = c.L - 1; l >= 0; l--)
         block_backward(S.dx, S.dK[l], S.dV[l], train_weights ? &M.g.layers[l] : nullptr, S.sc, S.acts[l], S.xs[l],
-                       M.w.layers[l], d, S.pos, s, e, B, S.T, 1, c.theta);
+                       M.w.layers[l], d, S.pos, Span{s, e, B, S.T}, CAUSAL);
     if (gemb) OP(embedding_backward(gemb, S.dx + r0 * c.C, S.tokens + r0, N, c.C));
 }
 
@@ -762,16 +797,16 @@ static int select_forward(int* sel, float* scores, const float* att, int s, int 
     }
     int kk = std::min(k, s), nS = kk + (e - s);
     for (int b = 0; b < B; b++) {
-        float* sc = scores + (long)b * T;
-        for (int p = 0; p < s; p++) sc[p] = attention_mass(att, s, e, b, p, B, NH, T);
+        float* score = scores + (long)b * T;
+        for (int p = 0; p < s; p++) score[p] = attention_mass(att, s, e, b, p, B, NH, T);
         // top-kk by repeated argmax (k is small); strict > keeps the smaller position on ties.
         // A chosen position's score is then set to -inf so it is not chosen again.
         int chosen[64];
         for (int r = 0; r < kk; r++) {
             int best = 0;
             for (int p = 1; p < s; p++)
-                if (sc[p] > sc[best]) best = p;
-            sc[best] = -INFINITY;
+                if (score[p] > score[best]) best = p;
+            score[best] = -INFINITY;
             chosen[r] = best;
         }
         std::sort(chosen, chosen + kk);
@@ -805,35 +840,35 @@ static void gather_backward(float* dK, float* dV, const float* du, const int* se
     });
 }
 
-// 3. transform: x0 = u W_in^T; np non-causal blocks with RoPE at the original positions;
+// 3. transform: x0 = u W_in^T; proc_layers non-causal blocks with RoPE at the original positions;
 //    delta = RMSNorm(x) W_out^T.   u (nS,B,2C) -> delta (nS,B,2C)
 //    wt: w's matrices transposed (a Decoder's), or nullptr (each matmul transposes its own)
 static void transform_forward(ProcActs& p, const ProcW& w, const ProcW* wt, const Config& c, int nS, int B) {
     int N = nS * B;
-    BlockDims d{c.dp, c.nhp, c.dp / c.nhp, c.fp};
-    OP(matmul_forward(p.xs[0], p.u, w.w_in, wt ? wt->w_in : nullptr, N, 2 * c.C, c.dp));
-    for (int i = 0; i < c.np; i++)
-        block_forward(p.xs[i + 1], p.blocks[i], p.xs[i], w.blocks[i], wt ? &wt->blocks[i] : nullptr, d, p.sel, 0, nS,
-                      B, nS, 0, c.theta, c.eps);
-    OP(rmsnorm_forward(p.lnf, p.rstdf, p.xs[c.np], w.final_norm, N, c.dp, c.eps));
-    OP(matmul_forward(p.delta, p.lnf, w.w_out, wt ? wt->w_out : nullptr, N, c.dp, 2 * c.C));
+    BlockDims d = proc_dims(c);
+    OP(matmul_forward(p.xs[0], p.u, w.w_in, wt ? wt->w_in : nullptr, N, 2 * c.C, c.proc_width));
+    for (int i = 0; i < c.proc_layers; i++)
+        block_forward(p.xs[i + 1], p.blocks[i], p.xs[i], w.blocks[i], wt ? &wt->blocks[i] : nullptr, d, p.sel,
+                      Span{0, nS, B, nS}, NON_CAUSAL);
+    OP(rmsnorm_forward(p.lnf, p.rstdf, p.xs[c.proc_layers], w.final_norm, N, c.proc_width, c.eps));
+    OP(matmul_forward(p.delta, p.lnf, w.w_out, wt ? wt->w_out : nullptr, N, c.proc_width, 2 * c.C));
 }
 // the backward of transform_forward: ddelta -> du (accumulated) and the weight grads gw
 static void transform_backward(float* du, ProcW& gw, RunState& S, const ProcW& w, const Config& c, int nS, int B) {
     ProcActs& p = S.pa;
     int N = nS * B;
-    BlockDims d{c.dp, c.nhp, c.dp / c.nhp, c.fp};
-    OP(zero(p.dlnf, (long)N * c.dp));
-    OP(matmul_backward(p.dlnf, gw.w_out, p.ddelta, p.lnf, w.w_out, N, c.dp, 2 * c.C));
-    OP(zero(p.dx, (long)N * c.dp));
-    OP(rmsnorm_backward(p.dx, gw.final_norm, p.dlnf, p.xs[c.np], w.final_norm, p.rstdf, N, c.dp));
-    for (int i = c.np - 1; i >= 0; i--) {
-        OP(zero(p.dk, (long)N * c.dp));  // the blocks' own keys and values: nothing outside reads them
-        OP(zero(p.dv, (long)N * c.dp));
-        block_backward(p.dx, p.dk, p.dv, &gw.blocks[i], S.sc, p.blocks[i], p.xs[i], w.blocks[i], d, p.sel, 0, nS, B,
-                       nS, 0, c.theta);
+    BlockDims d = proc_dims(c);
+    OP(zero(p.dlnf, (long)N * c.proc_width));
+    OP(matmul_backward(p.dlnf, gw.w_out, p.ddelta, p.lnf, w.w_out, N, c.proc_width, 2 * c.C));
+    OP(zero(p.dx, (long)N * c.proc_width));
+    OP(rmsnorm_backward(p.dx, gw.final_norm, p.dlnf, p.xs[c.proc_layers], w.final_norm, p.rstdf, N, c.proc_width));
+    for (int i = c.proc_layers - 1; i >= 0; i--) {
+        OP(zero(p.dk, (long)N * c.proc_width));  // the blocks' own keys and values: nothing outside reads them
+        OP(zero(p.dv, (long)N * c.proc_width));
+        block_backward(p.dx, p.dk, p.dv, &gw.blocks[i], S.sc, p.blocks[i], p.xs[i], w.blocks[i], d, p.sel,
+                       Span{0, nS, B, nS}, NON_CAUSAL);
     }
-    OP(matmul_backward(du, gw.w_in, p.dx, p.u, w.w_in, N, 2 * c.C, c.dp));
+    OP(matmul_backward(du, gw.w_in, p.dx, p.u, w.w_in, N, 2 * c.C, c.proc_width));
 }
 
 // 4. write back, in place: K[sel] += sigmoid(g) delta[:C], V[sel] += sigmoid(g) delta[C:]
@@ -871,33 +906,23 @@ static void write_back_backward(float* ddelta, float* dgate, const float* dK, co
     if (dgate) dgate[0] += (float)(acc * sg * (1.0 - sg));
 }
 
-// ---- the undo log: a record per firing and layer, its entries (sel and the pre-rewrite [K|V])
-// appended to S.undo_sel, S.undo_u on the CPU, or to device buffers of the same capacity under
-// --device cuda (the records themselves stay on the host).
+// ---- the undo log: a record per firing and layer (on the host), its entries (sel and the
+// pre-rewrite [K|V]) appended to S.undo_sel and S.undo_u (host or device memory, like the cache).
+// undo_sel_of and undo_u_of are how everything reads them.
 static void undo_clear(RunState& S) {
-    S.undo.clear(); S.undo_sel.clear(); S.undo_u.clear();
+    S.undo.clear();
     S.undo_sel_n = S.undo_u_n = 0;
 }
-static const int* undo_sel_of(const RunState& S, const UndoRecord& rec) {    // (nS,B)
-    return (S.dev ? S.dev_undo_sel : S.undo_sel.data()) + rec.sel_off;
-}
-static const float* undo_u_of(const RunState& S, const UndoRecord& rec) {    // (nS,B,2C)
-    return (S.dev ? S.dev_undo_u : S.undo_u.data()) + rec.u_off;
-}
+static const int* undo_sel_of(const RunState& S, const UndoRecord& rec) { return S.undo_sel + rec.sel_off; }  // (nS,B)
+static const float* undo_u_of(const RunState& S, const UndoRecord& rec) { return S.undo_u + rec.u_off; }     // (nS,B,2C)
 // log layer l's firing after segment [s,e) before it overwrites: sel (nS,B), u (nS,B,2C)
 static void undo_push(RunState& S, int l, int s, int e, int nS, const int* sel, const float* u, int C) {
     long n_sel = (long)nS * S.B, n_u = n_sel * 2 * C;
-    if (!S.dev) {
-        S.undo.push_back({l, s, e, nS, (long)S.undo_sel.size(), (long)S.undo_u.size()});
-        S.undo_sel.insert(S.undo_sel.end(), sel, sel + n_sel);
-        S.undo_u.insert(S.undo_u.end(), u, u + n_u);
-        return;
-    }
     if (S.undo_sel_n + n_sel > S.undo_sel_cap || S.undo_u_n + n_u > S.undo_u_cap)
-        INTERNAL("the undo log on the device is full (%ld + %ld of %ld numbers)", S.undo_u_n, n_u, S.undo_u_cap);
+        INTERNAL("the undo log is full (%ld + %ld of %ld numbers)", S.undo_u_n, n_u, S.undo_u_cap);
     S.undo.push_back({l, s, e, nS, S.undo_sel_n, S.undo_u_n});
-    OP(copy_ints(S.dev_undo_sel + S.undo_sel_n, sel, n_sel));
-    OP(copy_floats(S.dev_undo_u + S.undo_u_n, u, n_u));
+    OP(copy_ints(S.undo_sel + S.undo_sel_n, sel, n_sel));
+    OP(copy_floats(S.undo_u + S.undo_u_n, u, n_u));
     S.undo_sel_n += n_sel;
     S.undo_u_n += n_u;
 }
@@ -1135,7 +1160,7 @@ static float optimizer_step(Model& M, const OptConfig& o, int t, const TrainMode
 static void zero_grads(Model& M) { OP(zero(live(M.grads, M.dev_grads), M.n_params)); }
 
 // =============================================================================================
-// Tasks: synthetic arithmetic, one reasoning step per line (DESIGN §6). An example's text is
+// Tasks: synthetic arithmetic, one reasoning step per line (README, "Tasks"). An example's text is
 // "question\nline\n...\n#answer$" (no BOS). The size of an example is its number of steps.
 // =============================================================================================
 enum Task { TASK_CHAIN, TASK_ADD, TASK_VAR, TASK_MUL, TASK_FILE };
@@ -1415,7 +1440,7 @@ static void transpose_weights(const Model& M, std::vector<float>& wt_mem, Weight
 static void decoder_init(Decoder& D, const Model& M, int evict = 0) {
     D.M = &M;
     run_state_build(D.S, M.cfg, M.cfg.T, 1, false);
-    D.use_proc = M.cfg.dp > 0;
+    D.use_proc = M.cfg.proc_width > 0;
     if (evict > 0 && D.use_proc) BAD_INPUT("eviction is a baseline for a vanilla model; this one has a processor");
     if (evict > 0 && g_device) BAD_INPUT("--evict runs on the CPU only: drop --device cuda");
     D.evict = evict;
@@ -1549,8 +1574,8 @@ static void print_trace(const Decoder& D, int s, int e) {
     int first = (int)S.undo.size() - c.L;   // this boundary's records, one per layer
     for (int l = 0; l < c.L; l++) {
         const UndoRecord& rec = S.undo[first + l];
-        const int* sel = S.undo_sel.data() + rec.sel_off;
-        const float* u = S.undo_u.data() + rec.u_off;
+        const int* sel = undo_sel_of(S, rec);
+        const float* u = undo_u_of(S, rec);
         const BlockActs& a = S.acts[l];
         // relative update sizes over the rewritten entries: ||post - pre|| / ||pre||
         double dk = 0, nk = 0, dv = 0, nv = 0;
@@ -1565,8 +1590,8 @@ static void print_trace(const Decoder& D, int s, int e) {
         int nrec = rec.nS - (e - s);
         if (c.periodic) nrec = 0;
         for (int n = 0; n < nrec; n++) {
-            float sc = attention_mass(a.att, s, e, 0, sel[n], 1, c.NH, S.T);   // recomputed: B = 1
-            fprintf(D.trace, " %d'%s'(%.3f)", sel[n], token_str(S.tokens[sel[n]]).c_str(), sc);
+            float score = attention_mass(a.att, s, e, 0, sel[n], 1, c.NH, S.T);   // recomputed: B = 1
+            fprintf(D.trace, " %d'%s'(%.3f)", sel[n], token_str(S.tokens[sel[n]]).c_str(), score);
         }
         fprintf(D.trace, "%s\n", c.periodic ? " (periodic: the whole cache)" : "");
     }
@@ -1615,7 +1640,7 @@ static void batch_init(BatchDecoder& BD, const Model& M, int B) {
     BD.M = &M;
     run_state_build(BD.S, M.cfg, M.cfg.T, B, false);
     BD.B_cap = B;
-    BD.use_proc = M.cfg.dp > 0;
+    BD.use_proc = M.cfg.proc_width > 0;
     BD.seg_start.assign(B, 0);
     BD.fires.assign(B, 0);
     BD.group.assign(B, 0);
@@ -2005,24 +2030,13 @@ static std::vector<std::string> eval_set(Task task, int size, int count, uint64_
 // (io.hpp: read_safetensors, write_safetensors). Here: which tensors and metadata a checkpoint holds.
 // =============================================================================================
 
-// ---- model config <-> metadata: one table of the integer keys, with the ranges a loader accepts
-struct ConfigKey { const char* key; int Config::*field; int lo, hi; bool proc; };
-static const ConfigKey CONFIG_KEYS[] = {
-    {"vocab_size", &Config::V, 1, 1 << 16, false},    {"d_model", &Config::C, 2, 1 << 14, false},
-    {"n_layers", &Config::L, 1, 256, false},          {"n_heads", &Config::NH, 1, 1024, false},
-    {"ffn_hidden", &Config::F, 1, 1 << 16, false},    {"max_seq_len", &Config::T, 2, 1 << 15, false},
-    {"proc_width", &Config::dp, 1, 1 << 14, true},    {"proc_layers", &Config::np, 1, 64, true},
-    {"proc_heads", &Config::nhp, 1, 1024, true},      {"proc_ffn_hidden", &Config::fp, 1, 1 << 16, true},
-    {"k", &Config::k, 0, 64, true},
-};
-
+// ---- model config <-> metadata, through CONFIG_KEYS (next to Config)
 static std::map<std::string, std::string> config_meta(const Config& c) {
     std::map<std::string, std::string> m = {{"format", "bt"}, {"rope_theta", strf("%g", c.theta)},
                                             {"norm_eps", strf("%g", c.eps)}};
     for (auto& k : CONFIG_KEYS)
-        if (!k.proc || c.dp > 0) m[k.key] = std::to_string(c.*k.field);
-    if (c.dp > 0) m["schedule"] = c.periodic ? strf("periodic:%d", c.periodic) : "newline";
-    if (c.pause > 0) m["pause"] = std::to_string(c.pause);
+        if (key_present(k, c)) m[k.key] = std::to_string(c.*k.field);
+    if (c.proc_width > 0) m["schedule"] = c.periodic ? strf("periodic:%d", c.periodic) : "newline";
     return m;
 }
 
@@ -2049,16 +2063,15 @@ static Config config_from_meta(const std::map<std::string, std::string>& m, cons
     Config c;
     bool proc = m.count("proc_width") > 0;
     for (auto& k : CONFIG_KEYS)
-        if (!k.proc || proc) {
+        if (k.kind == BACKBONE_KEY || (k.kind == PROC_KEY && proc) || (k.kind == OPTIONAL_KEY && m.count(k.key))) {
             double v = num(k.key, k.lo, k.hi);
             if (v != (int)v) BAD_INPUT("%s: metadata '%s' must be a whole number", path.c_str(), k.key);
             c.*k.field = (int)v;
         }
     c.theta = (float)num("rope_theta", 1, 1e9);
     c.eps = (float)num("norm_eps", 0, 1);
-    if (!proc) c.dp = 0;
+    if (!proc) c.proc_width = 0;
     else c.periodic = m.count("schedule") ? parse_schedule(m.at("schedule")) : 0;
-    c.pause = m.count("pause") ? (int)num("pause", 0, 64) : 0;
     try { validate_config(c); } catch (BtError& e) { BAD_INPUT("%s: %s", path.c_str(), e.what()); }
     return c;
 }
@@ -2277,6 +2290,13 @@ static std::string fmt_time(double s) {
 }
 
 // ---- bt train
+// a model size from its flag, in CONFIG_KEYS's range; with a default, 0 means that default
+static int size_flag(const Args& a, const char* flag, int dflt = 0) {
+    const ConfigKey& k = config_key(flag);
+    int v = a.integer(flag, dflt ? 0 : k.lo, k.hi);
+    return v == 0 && dflt ? dflt : v;
+}
+
 // the model's config for bt train: from --init (its backbone, and its processor if it has one)
 // or from the size flags; processor flags override, and need --model bt
 static Config train_config(const Args& a, bool is_bt, bool is_pause, SafeFile* init) {
@@ -2287,24 +2307,24 @@ static Config train_config(const Args& a, bool is_bt, bool is_pause, SafeFile* i
         *init = read_safetensors(a.str("init"));
         c = config_from_meta(init->meta, a.str("init"));
     } else {
-        c.C = a.integer("d-model", 2, 1 << 14); c.L = a.integer("layers", 1, 256); c.NH = a.integer("heads", 1, 1024);
-        c.F = a.integer("ffn", 0, 1 << 16); if (c.F == 0) c.F = 3 * c.C;
-        c.T = a.integer("max-seq-len", 2, 1 << 15);
+        c.C = size_flag(a, "d-model"); c.L = size_flag(a, "layers"); c.NH = size_flag(a, "heads");
+        c.F = size_flag(a, "ffn", 3 * c.C);
+        c.T = size_flag(a, "max-seq-len");
     }
-    if (is_pause) c.pause = a.integer("pause", 1, 64);
+    if (is_pause) c.pause = size_flag(a, "pause");
     else if (a.has("pause")) BAD_INPUT("--pause needs --model pause or pause-frozen");
     if (!is_bt) {
         for (const char* f : {"proc-width", "proc-layers", "proc-heads", "proc-ffn", "k", "schedule", "bptt", "joint"})
             if (a.has(f)) BAD_INPUT("--%s is a processor flag: it needs --model bt", f);
-        c.dp = 0;
+        c.proc_width = 0;
         return c;
     }
-    bool keep = c.dp > 0;   // keep an --init processor's settings unless a flag says otherwise
-    if (!keep || a.has("proc-width")) { c.dp = a.integer("proc-width", 0, 1 << 14); if (c.dp == 0) c.dp = c.C / 2; }
-    if (!keep || a.has("proc-layers")) c.np = a.integer("proc-layers", 1, 64);
-    if (!keep || a.has("proc-heads")) c.nhp = a.integer("proc-heads", 1, 1024);
-    if (!keep || a.has("proc-ffn")) { c.fp = a.integer("proc-ffn", 0, 1 << 16); if (c.fp == 0) c.fp = 3 * c.dp; }
-    if (!keep || a.has("k")) c.k = a.integer("k", 0, 64);
+    bool keep = c.proc_width > 0;   // keep an --init processor's settings unless a flag says otherwise
+    if (!keep || a.has("proc-width")) c.proc_width = size_flag(a, "proc-width", c.C / 2);
+    if (!keep || a.has("proc-layers")) c.proc_layers = size_flag(a, "proc-layers");
+    if (!keep || a.has("proc-heads")) c.proc_heads = size_flag(a, "proc-heads");
+    if (!keep || a.has("proc-ffn")) c.proc_ffn = size_flag(a, "proc-ffn", 3 * c.proc_width);
+    if (!keep || a.has("k")) c.k = size_flag(a, "k");
     if (!keep || a.has("schedule")) c.periodic = parse_schedule(a.str("schedule"));
     return c;
 }
@@ -2337,8 +2357,8 @@ static void print_train_header(const Args& a, const Model& M, const TrainMode& m
         printf("  pause    %d PAUSE tokens after every newline; %s learns\n", c.pause,
                mode.pause_row_only ? "only the PAUSE embedding" : "the whole backbone");
     if (mode.use_proc)
-        printf("  processor width %d, blocks %d, heads %d, ffn %d, k %d, schedule %s, bptt %s, backbone %s\n", c.dp,
-               c.np, c.nhp, c.fp, c.k, c.periodic ? strf("periodic:%d", c.periodic).c_str() : "newline",
+        printf("  processor width %d, blocks %d, heads %d, ffn %d, k %d, schedule %s, bptt %s, backbone %s\n", c.proc_width,
+               c.proc_layers, c.proc_heads, c.proc_ffn, c.k, c.periodic ? strf("periodic:%d", c.periodic).c_str() : "newline",
                mode.bptt_step ? "step" : "full", mode.train_backbone ? "trained" : "frozen");
     printf("  params   %ld (backbone %ld, processor %ld), trainable %ld\n", M.n_params, M.n_backbone,
            M.n_params - M.n_backbone, n_trainable);
@@ -2480,6 +2500,8 @@ static void train_setup(TrainRun& R, const Args& given) {
     R.log_every = a.integer("log-every", 1, 1000000000);
     R.save_every = a.integer("save-every", 0, 1000000000);
     R.out = a.str("out");
+    check_output_path(R.out);            // before any training, not after it
+    check_output_path(state_path(R.out));
     R.task = a.has("data") ? "file" : a.str("task");
     for (auto& f : a.given)
         if (f != "resume" && f != "log-every" && f != "save-every" && f != "out" && f != "device")
@@ -2600,9 +2622,9 @@ static void cmd_eval(const Args& a) {
     if (evict && g_device) BAD_INPUT("--evict runs on the CPU only: drop --device cuda");
     Model M;
     load_model(M, a.str("ckpt"));
-    if (evict && M.cfg.dp) BAD_INPUT("--evict is a baseline for a vanilla model; %s has a processor", a.str("ckpt").c_str());
+    if (evict && M.cfg.proc_width) BAD_INPUT("--evict is a baseline for a vanilla model; %s has a processor", a.str("ckpt").c_str());
     if (g_device) model_upload(M);
-    printf("bt eval | %s | %s | processor %s%s%s\n", a.str("ckpt").c_str(), build_flags().c_str(), M.cfg.dp ? "on" : "none",
+    printf("bt eval | %s | %s | processor %s%s%s\n", a.str("ckpt").c_str(), build_flags().c_str(), M.cfg.proc_width ? "on" : "none",
            M.cfg.pause ? strf(" | %d PAUSE after newlines", M.cfg.pause).c_str() : "",
            evict ? strf(" | evict: %d older entries kept at each newline", evict).c_str() : "");
     printf("%-10s %5s   %6s   %9s   %s\n", "size", "n", "answer", "all-lines", "first wrong line (mean, of wrong)");
@@ -2641,6 +2663,12 @@ static void cmd_eval(const Args& a) {
 static void cmd_generate(const Args& a) {
     if (!a.has("ckpt")) BAD_INPUT("bt generate needs --ckpt FILE");
     if (!a.has("prompt")) BAD_INPUT("bt generate needs --prompt TEXT (a question, e.g. --prompt '1*4-0+3')");
+    std::string p = a.str("prompt");
+    // the shell gives a literal backslash-n: accept it as a newline
+    for (size_t i; (i = p.find("\\n")) != std::string::npos;) p.replace(i, 2, "\n");
+    if (p.find_first_not_of(" \n") == std::string::npos)
+        BAD_INPUT("--prompt is empty: give a question to continue, e.g. --prompt '1*4-0+3'");
+    if (p.back() != '\n') p += '\n';
     use_device(a);
     if (a.has("trace") && g_device) BAD_INPUT("--trace reads the cache on the host: run it with --device cpu");
     Model M;
@@ -2649,11 +2677,7 @@ static void cmd_generate(const Args& a) {
     Decoder D;
     decoder_init(D, M);
     if (a.has("trace")) D.trace = stdout;
-    if (a.has("trace") && M.cfg.dp == 0) printf("(this checkpoint has no processor: there is no bottleneck step to trace)\n");
-    std::string p = a.str("prompt");
-    // the shell gives a literal backslash-n: accept it as a newline
-    for (size_t i; (i = p.find("\\n")) != std::string::npos;) p.replace(i, 2, "\n");
-    if (p.empty() || p.back() != '\n') p += '\n';
+    if (a.has("trace") && M.cfg.proc_width == 0) printf("(this checkpoint has no processor: there is no bottleneck step to trace)\n");
     std::string out = generate(D, p);
     printf("%s%s\n", p.c_str(), out.c_str());
 }
@@ -2667,7 +2691,7 @@ static void cmd_score(const Args& a) {
     if (g_device) model_upload(M);
     std::vector<Example> ex = read_examples(a.str("text-file"));
     TrainMode mode;
-    mode.use_proc = M.cfg.dp > 0;
+    mode.use_proc = M.cfg.proc_width > 0;
     printf("position\ttoken\tlogprob\n");
     double total = 0.0;
     for (auto& e : ex) {

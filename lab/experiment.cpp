@@ -1,6 +1,6 @@
 // lab/experiment.cpp -- bt experiment. Included by lab/lab.cpp after bt.cpp and lab/svg.hpp.
 // =============================================================================================
-// bt experiment: every arm of DESIGN §7 on one task, trained on the same data stream with the same
+// bt experiment: every arm (README, "Results") on one task, trained on the same data stream with the same
 // budget per seed, evaluated in distribution and at every OOD size. Each finished run is kept as
 // results/<task>/runs/<run>.json (+ its checkpoint), so an interrupted experiment resumes where it
 // stopped (a half-trained run resumes from its last checkpoint); then results.md and the plots.
@@ -77,13 +77,13 @@ static double model_flops(const Model& M, const std::string& text) {
     const Config& c = M.cfg;
     std::vector<int> toks = tokenize(insert_pauses(text, c.pause), "flops");
     double T = (double)toks.size(), total = T * flops_per_token(c, T);
-    if (c.dp > 0) {
+    if (c.proc_width > 0) {
         int start = 0;
         for (int t = 1; t < (int)toks.size(); t++)
             if (is_boundary(c, t, toks[t])) {
                 double nS = c.periodic ? t : (t - start) + std::min(c.k, start);
-                double per_row = 2.0 * (2 * c.C * c.dp + c.np * (4.0 * c.dp * c.dp + 3.0 * c.dp * c.fp) + c.dp * 2 * c.C);
-                total += c.L * (nS * per_row + c.np * 4.0 * nS * nS * c.dp / 2);
+                double per_row = 2.0 * (2 * c.C * c.proc_width + c.proc_layers * (4.0 * c.proc_width * c.proc_width + 3.0 * c.proc_width * c.proc_ffn) + c.proc_width * 2 * c.C);
+                total += c.L * (nS * per_row + c.proc_layers * 4.0 * nS * nS * c.proc_width / 2);
                 start = t;
             }
     }
@@ -162,22 +162,22 @@ static void evaluate_run(RunResult& r, const Model& M, Task task, int n, int evi
 }
 
 // Train (or resume, or reuse) one run; returns its result. init: a checkpoint to start from.
-static RunResult experiment_run(const Experiment& X, const std::string& regime, const std::string& arm,
+static RunResult experiment_run(const Experiment& ex, const std::string& regime, const std::string& arm,
                                 std::vector<std::string> flags, int steps, int seed, const std::string& init,
                                 int evict, const std::string& evict_ckpt) {
-    std::string base = X.dir + "/runs/" + run_name(regime, arm, seed);
+    std::string base = ex.dir + "/runs/" + run_name(regime, arm, seed);
     RunResult r;
     if (read_run_json(base + ".json", &r)) {
         if (r.steps != steps)
             BAD_INPUT("%s.json was trained for %d steps, this experiment asks %d: delete %s/runs to start over",
-                      base.c_str(), r.steps, steps, X.dir.c_str());
+                      base.c_str(), r.steps, steps, ex.dir.c_str());
         printf("  %-22s seed %d: done before (%s.json)\n", arm.c_str(), seed, base.c_str());
         return r;
     }
     r.regime = regime; r.arm = arm; r.seed = seed; r.steps = steps;
     // v1's vanilla with --steps equal to --stage1 is the very run v4's backbone was (same flags, seed and
     // data; training is deterministic): take its checkpoint and results instead of training it twice.
-    std::string backbone = X.dir + "/runs/" + run_name("v4", "backbone", seed);
+    std::string backbone = ex.dir + "/runs/" + run_name("v4", "backbone", seed);
     RunResult b;
     if (regime == "v1" && arm == "vanilla" && read_run_json(backbone + ".json", &b) && b.steps == steps) {
         write_file(base + ".safetensors", read_file(backbone + ".safetensors", "v4 backbone checkpoint"));
@@ -193,11 +193,11 @@ static RunResult experiment_run(const Experiment& X, const std::string& regime, 
     } else {
         std::vector<std::string> all = {"--seed", std::to_string(seed), "--steps", std::to_string(steps), "--out",
                                         base + ".safetensors", "--log-every", "1000000", "--save-every", "100"};
-        all.insert(all.end(), X.common.begin(), X.common.end());
+        all.insert(all.end(), ex.common.begin(), ex.common.end());
         all.insert(all.end(), flags.begin(), flags.end());
         if (!init.empty()) all.insert(all.end(), {"--init", init, "--lr", "0.001"});
-        else if (std::find(flags.begin(), flags.end(), "--d-model") == flags.end()) all.insert(all.end(), X.size.begin(), X.size.end());
-        else all.insert(all.end(), X.size.begin() + 2, X.size.end());   // vanilla-large sets its own width
+        else if (std::find(flags.begin(), flags.end(), "--d-model") == flags.end()) all.insert(all.end(), ex.size.begin(), ex.size.end());
+        else all.insert(all.end(), ex.size.begin() + 2, ex.size.end());   // vanilla-large sets its own width
         bool resume = std::ifstream(state_path(base + ".safetensors")).good();
         if (resume) all = {"--resume", base + ".safetensors", "--log-every", "1000000"};
         TrainRun R;
@@ -219,8 +219,8 @@ static RunResult experiment_run(const Experiment& X, const std::string& regime, 
         M = R.M;
     }
     r.params = M.n_params;
-    r.flops = model_flops(M, [&] { Rng g(3); return gen_example(X.task, g, TASKS[X.task].train_hi, true); }());
-    evaluate_run(r, M, X.task, X.n_eval, evict);
+    r.flops = model_flops(M, [&] { Rng g(3); return gen_example(ex.task, g, TASKS[ex.task].train_hi, true); }());
+    evaluate_run(r, M, ex.task, ex.n_eval, evict);
     printf("\r  %-22s seed %d: %s, ID %.3f, OOD %.3f (all lines %.3f)                 \n", arm.c_str(), seed,
            evict ? "no training" : fmt_time(r.seconds).c_str(), r.id_answer, r.ood_answer, r.ood_lines);
     write_file(base + ".json", run_json(r));
@@ -271,7 +271,7 @@ static void plot_reconsolidation(const Model& M, Task task, const std::string& t
                   cell * n, cell * nb);
         for (int j = 0; j < nb; j++) {
             const UndoRecord& rec = D.S.undo[(size_t)j * c.L + l];
-            const int* sel = D.S.undo_sel.data() + rec.sel_off;
+            const int* sel = undo_sel_of(D.S, rec);
             int nrec = c.periodic ? 0 : rec.nS - (rec.e - rec.s);
             for (int t = rec.s; t < rec.e; t++)
                 s += strf("<rect x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\" fill=\"#ddd\"/>\n", x0 + cell * t,
@@ -285,7 +285,7 @@ static void plot_reconsolidation(const Model& M, Task task, const std::string& t
 }
 
 // results.md and the plots of one regime
-static std::string regime_report(const Experiment& X, const std::string& regime, const std::vector<RunResult>& all,
+static std::string regime_report(const Experiment& ex, const std::string& regime, const std::vector<RunResult>& all,
                                  const std::string& control) {
     std::vector<std::string> arms;
     for (auto& r : all)
@@ -302,7 +302,7 @@ static std::string regime_report(const Experiment& X, const std::string& regime,
             if (r->seed == seed) return r;
         return nullptr;
     };
-    const TaskInfo& ti = TASKS[X.task];
+    const TaskInfo& ti = TASKS[ex.task];
     std::string md = strf("\n| arm | params | steps | train time | fwd MFLOP/token | ID answer | OOD answer | OOD all-lines "
                           "| OOD first wrong line | ΔID vs %s | ΔOOD vs %s |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
                           control.c_str(), control.c_str());
@@ -332,7 +332,7 @@ static std::string regime_report(const Experiment& X, const std::string& regime,
     md += "\n|---|";
     for (size_t i = 0; i < first->sizes.size(); i++) md += "---|";
     md += "\n";
-    Plot acc = plot_begin(strf("%s, %s: answer accuracy by problem size (training sizes shaded)", TASKS[X.task].name,
+    Plot acc = plot_begin(strf("%s, %s: answer accuracy by problem size (training sizes shaded)", TASKS[ex.task].name,
                                regime.c_str()), "problem size", "answer accuracy", first->sizes.front(),
                           first->sizes.back(), 0, 1);
     acc.svg += strf("<rect x=\"%.1f\" y=\"%.0f\" width=\"%.1f\" height=\"%.0f\" fill=\"#000\" fill-opacity=\"0.07\"/>\n",
@@ -370,12 +370,12 @@ static std::string regime_report(const Experiment& X, const std::string& regime,
         }
         loss_x[ai] = lx; loss_y[ai] = ly;
     }
-    Plot loss = plot_begin(strf("%s, %s: training loss (mean over seeds, smoothed)", TASKS[X.task].name, regime.c_str()),
+    Plot loss = plot_begin(strf("%s, %s: training loss (mean over seeds, smoothed)", TASKS[ex.task].name, regime.c_str()),
                            "step", "loss", 0, max_steps, 0, max_loss);
     for (size_t ai = 0; ai < arms.size(); ai++)
         if (!loss_x[ai].empty()) plot_series(loss, loss_x[ai], loss_y[ai], (int)ai, arms[ai], false);
-    plot_end(acc, X.dir + "/accuracy_" + regime + ".svg");
-    plot_end(loss, X.dir + "/loss_" + regime + ".svg");
+    plot_end(acc, ex.dir + "/accuracy_" + regime + ".svg");
+    plot_end(loss, ex.dir + "/loss_" + regime + ".svg");
     md += strf("\n![accuracy by size](accuracy_%s.svg) ![loss](loss_%s.svg)\n", regime.c_str(), regime.c_str());
     return md;
 }
@@ -384,7 +384,7 @@ static std::string regime_report(const Experiment& X, const std::string& regime,
 // has at least as many parameters as backbone + processor
 static int large_width(const Config& base) {
     Config bt = base;
-    bt.dp = base.C / 2; bt.np = 1; bt.nhp = 4; bt.fp = 3 * bt.dp;
+    bt.proc_width = base.C / 2; bt.proc_layers = 1; bt.proc_heads = 4; bt.proc_ffn = 3 * bt.proc_width;
     Weights w;
     long want = layout_params(bt, &w, nullptr, nullptr);
     for (int C = base.C;; C += 2 * base.NH) {
@@ -395,23 +395,23 @@ static int large_width(const Config& base) {
 }
 
 static void cmd_experiment(const Args& a) {
-    Experiment X;
-    X.task = parse_task(a.str("task"));
+    Experiment ex;
+    ex.task = parse_task(a.str("task"));
     std::string regime = a.str("regime");
     if (regime != "v4" && regime != "v1" && regime != "both") BAD_INPUT("--regime must be v4, v1 or both, got '%s'", regime.c_str());
     int seeds = a.integer("seeds", 1, 100);
-    X.stage1 = a.integer("stage1", 1, 10000000);
-    X.stage2 = a.integer("stage2", 1, 10000000);
-    X.steps = a.integer("steps", 1, 10000000);
-    X.n_eval = a.integer("n", 1, 100000);
-    X.dir = a.str("results") + "/" + TASKS[X.task].name;
+    ex.stage1 = a.integer("stage1", 1, 10000000);
+    ex.stage2 = a.integer("stage2", 1, 10000000);
+    ex.steps = a.integer("steps", 1, 10000000);
+    ex.n_eval = a.integer("n", 1, 100000);
+    ex.dir = a.str("results") + "/" + TASKS[ex.task].name;
     Config base;
     base.C = a.integer("d-model", 2, 1 << 14); base.L = a.integer("layers", 1, 256); base.NH = a.integer("heads", 1, 1024);
     base.F = 3 * base.C;
     validate_config(base);
-    X.large_width = large_width(base);
-    X.common = {"--task", TASKS[X.task].name, "--batch", a.str("batch")};
-    X.size = {"--d-model", std::to_string(base.C), "--layers", std::to_string(base.L), "--heads", std::to_string(base.NH)};
+    ex.large_width = large_width(base);
+    ex.common = {"--task", TASKS[ex.task].name, "--batch", a.str("batch")};
+    ex.size = {"--d-model", std::to_string(base.C), "--layers", std::to_string(base.L), "--heads", std::to_string(base.NH)};
     a.integer("batch", 1, 100000);
     std::set<std::string> only;
     if (a.has("arms")) {
@@ -424,12 +424,12 @@ static void cmd_experiment(const Args& a) {
             only.insert(w);
         }
     }
-    std::filesystem::create_directories(X.dir + "/runs");
+    std::filesystem::create_directories(ex.dir + "/runs");
     bool v4 = regime != "v1", v1 = regime != "v4";
-    printf("bt experiment | %s | %s | regime %s | seeds %d\n", TASKS[X.task].name, build_flags().c_str(), regime.c_str(), seeds);
+    printf("bt experiment | %s | %s | regime %s | seeds %d\n", TASKS[ex.task].name, build_flags().c_str(), regime.c_str(), seeds);
     printf("  model d_model %d, layers %d, heads %d, batch %s (vanilla-large: d_model %d); v4: stage 1 %d steps, "
            "stage 2 %d; v1: %d steps; eval %d per size\n", base.C, base.L, base.NH, a.str("batch").c_str(),
-           X.large_width, X.stage1, X.stage2, X.steps, X.n_eval);
+           ex.large_width, ex.stage1, ex.stage2, ex.steps, ex.n_eval);
     // the plan: every run in order, with a rough cost (vanilla steps) for the ETA
     struct Job { std::string regime, arm, init, evict_ckpt; std::vector<std::string> flags; int steps, seed, evict; double cost; };
     std::vector<Job> jobs;
@@ -441,16 +441,16 @@ static void cmd_experiment(const Args& a) {
         return f * steps + 30;                                                // + evaluation
     };
     for (int seed = 1; seed <= seeds; seed++) {
-        std::string init = X.dir + "/runs/" + run_name("v4", "backbone", seed) + ".safetensors";
-        std::string vanilla = X.dir + "/runs/" + run_name("v1", "vanilla", seed) + ".safetensors";
-        if (v4) jobs.push_back({"v4", "backbone", "", "", {"--model", "vanilla"}, X.stage1, seed, 0, cost_of("", X.stage1)});
+        std::string init = ex.dir + "/runs/" + run_name("v4", "backbone", seed) + ".safetensors";
+        std::string vanilla = ex.dir + "/runs/" + run_name("v1", "vanilla", seed) + ".safetensors";
+        if (v4) jobs.push_back({"v4", "backbone", "", "", {"--model", "vanilla"}, ex.stage1, seed, 0, cost_of("", ex.stage1)});
         for (auto& arm : ARMS) {
             std::string r = arm.regime, name = arm.name, flags = arm.flags;
             bool control = name == "vanilla+extra" || name == "vanilla";   // the controls always run
             if ((r == "v4" && !v4) || (r == "v1" && !v1) || !(only.empty() || only.count(name) || control)) continue;
             size_t at = flags.find("LARGE");
-            if (at != std::string::npos) flags.replace(at, 5, std::to_string(X.large_width));
-            int steps = r == "v4" ? X.stage2 : X.steps;
+            if (at != std::string::npos) flags.replace(at, 5, std::to_string(ex.large_width));
+            int steps = r == "v4" ? ex.stage2 : ex.steps;
             jobs.push_back({r, name, r == "v4" ? init : "", vanilla, split_words(flags), steps, seed, arm.evict,
                             arm.evict ? 30.0 : cost_of(flags, steps)});
         }
@@ -466,26 +466,26 @@ static void cmd_experiment(const Args& a) {
                j.seed, fmt_time(el).c_str(), done > 0 && el > 5 ? fmt_time(el / done * (total - done)).c_str() : "-");
         fflush(stdout);
         double before = now_seconds();
-        all.push_back(experiment_run(X, j.regime, j.arm, j.flags, j.steps, j.seed, j.init, j.evict, j.evict_ckpt));
+        all.push_back(experiment_run(ex, j.regime, j.arm, j.flags, j.steps, j.seed, j.init, j.evict, j.evict_ckpt));
         if (now_seconds() - before > 1) done += j.cost;   // runs found done before do not teach the ETA
         else total -= j.cost;
     }
     // the report
     double train_seconds = 0;   // v1's vanilla taken from v4's backbone (same steps) is counted once
-    bool shared = v4 && v1 && X.stage1 == X.steps;
+    bool shared = v4 && v1 && ex.stage1 == ex.steps;
     for (auto& r : all) train_seconds += shared && r.regime == "v1" && r.arm == "vanilla" ? 0 : r.seconds;
     std::string md = strf("# %s: does the bottleneck help?\n\nWritten by `bt experiment --task %s --regime %s --seeds %d "
                           "--stage1 %d --stage2 %d --steps %d --d-model %d --layers %d --heads %d --batch %s --n %d%s` "
                           "(%s; training time summed over the runs: %s). Every arm of a regime sees the same data stream and budget "
                           "per seed. Mean ± sample standard deviation over seeds; Δ columns: per-seed difference from the "
                           "regime's control, then mean ± sd. ID sizes %d..%d, OOD %d..%d, %d examples per size.\n",
-                          TASKS[X.task].name, TASKS[X.task].name, regime.c_str(), seeds, X.stage1, X.stage2, X.steps,
-                          base.C, base.L, base.NH, a.str("batch").c_str(), X.n_eval,
+                          TASKS[ex.task].name, TASKS[ex.task].name, regime.c_str(), seeds, ex.stage1, ex.stage2, ex.steps,
+                          base.C, base.L, base.NH, a.str("batch").c_str(), ex.n_eval,
                           a.has("arms") ? (" --arms " + a.str("arms")).c_str() : "", build_flags().c_str(),
-                          fmt_time(train_seconds).c_str(), TASKS[X.task].train_lo, TASKS[X.task].train_hi,
-                          TASKS[X.task].ood_lo, TASKS[X.task].ood_hi, X.n_eval);
+                          fmt_time(train_seconds).c_str(), TASKS[ex.task].train_lo, TASKS[ex.task].train_hi,
+                          TASKS[ex.task].ood_lo, TASKS[ex.task].ood_hi, ex.n_eval);
     // the numbers that led to the budgets: written by hand (pilot runs) in calibration.md beside results.md
-    std::ifstream cal(X.dir + "/calibration.md");
+    std::ifstream cal(ex.dir + "/calibration.md");
     if (cal.good()) {
         std::stringstream ss;
         ss << cal.rdbuf();
@@ -493,26 +493,26 @@ static void cmd_experiment(const Args& a) {
     }
     if (v4) {
         md += "\n## v4: a processor on a frozen backbone\n\nStage 1 trained a vanilla backbone for " +
-              std::to_string(X.stage1) + " steps (row `backbone`: where every arm starts); every arm then trained " +
-              std::to_string(X.stage2) + " more steps at lr 1e-3. Control: `vanilla+extra`.\n";
-        md += regime_report(X, "v4", all, "vanilla+extra");
+              std::to_string(ex.stage1) + " steps (row `backbone`: where every arm starts); every arm then trained " +
+              std::to_string(ex.stage2) + " more steps at lr 1e-3. Control: `vanilla+extra`.\n";
+        md += regime_report(ex, "v4", all, "vanilla+extra");
     }
     if (v1) {
-        md += "\n## v1: end to end from scratch\n\nEvery arm trained " + std::to_string(X.steps) +
+        md += "\n## v1: end to end from scratch\n\nEvery arm trained " + std::to_string(ex.steps) +
               " steps from scratch. `evictB`: the v1 vanilla model decoding with H2O-style eviction (B older entries "
               "kept at each newline). Control: `vanilla`.\n";
-        md += regime_report(X, "v1", all, "vanilla");
+        md += regime_report(ex, "v1", all, "vanilla");
     }
     // the heatmap: v1's newline-schedule model if it ran, else v4's bt (both recall k entries per boundary)
-    bool joint = v1 && std::ifstream(X.dir + "/runs/" + run_name("v1", "bt-joint", 1) + ".safetensors").good();
-    std::string bt_run = X.dir + "/runs/" + run_name(joint ? "v1" : "v4", joint ? "bt-joint" : "bt", 1) + ".safetensors";
+    bool joint = v1 && std::ifstream(ex.dir + "/runs/" + run_name("v1", "bt-joint", 1) + ".safetensors").good();
+    std::string bt_run = ex.dir + "/runs/" + run_name(joint ? "v1" : "v4", joint ? "bt-joint" : "bt", 1) + ".safetensors";
     if (std::ifstream(bt_run).good()) {
         Model M;
         load_model(M, bt_run);
-        plot_reconsolidation(M, X.task, strf("%s: what the processor recalls (%s, seed 1)", TASKS[X.task].name,
-                                             joint ? "v1 bt-joint" : "v4 bt"), X.dir + "/reconsolidation.svg");
+        plot_reconsolidation(M, ex.task, strf("%s: what the processor recalls (%s, seed 1)", TASKS[ex.task].name,
+                                             joint ? "v1 bt-joint" : "v4 bt"), ex.dir + "/reconsolidation.svg");
         md += "\n## Which entries get reconsolidated\n\n![reconsolidation](reconsolidation.svg)\n";
     }
-    write_file(X.dir + "/results.md", md);
-    printf("\n%s\nwrote %s/results.md and its plots in %s\n", md.c_str(), X.dir.c_str(), fmt_time(now_seconds() - t0).c_str());
+    write_file(ex.dir + "/results.md", md);
+    printf("\n%s\nwrote %s/results.md and its plots in %s\n", md.c_str(), ex.dir.c_str(), fmt_time(now_seconds() - t0).c_str());
 }

@@ -219,19 +219,19 @@ struct BoundaryCtx { ProbeData* P; long row0; int q_end; };
 // after_boundary hook of forward_sequence (batch of one): the rewrite after segment j just ran.
 // Its undo records hold every rewritten entry's value before, the cache holds the value after.
 static void probe_after_boundary(const RunState& S, int j, void* ctx) {
-    BoundaryCtx& X = *(BoundaryCtx*)ctx;
-    ProbeData& P = *X.P;
+    BoundaryCtx& bc = *(BoundaryCtx*)ctx;
+    ProbeData& P = *bc.P;
     int L = P.L, C = P.C;
     for (int l = 0; l < L; l++) {
         const UndoRecord& rec = S.undo[(size_t)j * L + l];
-        const int* sel = S.undo_sel.data() + rec.sel_off;
-        const float* u = S.undo_u.data() + rec.u_off;
+        const int* sel = undo_sel_of(S, rec);
+        const float* u = undo_u_of(S, rec);
         const float *K = S.acts[l].k, *V = S.acts[l].v;
-        update_stats_add(P.U, l, rec.s, rec.e, sel, rec.nS, u, K, V, C, X.q_end);
+        update_stats_add(P.U, l, rec.s, rec.e, sel, rec.nS, u, K, V, C, bc.q_end);
         for (int i = 0; i < rec.nS; i++) {
             int p = sel[i];
             if (p < rec.s) continue;   // consolidated entries only: each is probed once, at its line's end
-            long at = ((X.row0 + p) * L + l) * C;
+            long at = ((bc.row0 + p) * L + l) * C;
             memcpy(&P.feat[STAGE_BEFORE][0][at], u + (long)i * 2 * C, sizeof(float) * C);
             memcpy(&P.feat[STAGE_BEFORE][1][at], u + (long)i * 2 * C + C, sizeof(float) * C);
             memcpy(&P.feat[STAGE_AFTER][0][at], K + (long)p * C, sizeof(float) * C);
@@ -404,15 +404,15 @@ static std::string updates_svg(const UpdateStats& U, const std::string& title) {
 // the probes (each stage's own) give the true label before and after.
 struct TraceCtx { int j; int L, C; std::vector<std::vector<int>> sel; std::vector<std::vector<float>> u, K, V; int s, e; };
 static void trace_after_boundary(const RunState& S, int j, void* ctx) {
-    TraceCtx& X = *(TraceCtx*)ctx;
-    if (j != X.j) return;
-    for (int l = 0; l < X.L; l++) {
-        const UndoRecord& rec = S.undo[(size_t)j * X.L + l];
-        X.s = rec.s; X.e = rec.e;
-        X.sel[l].assign(S.undo_sel.data() + rec.sel_off, S.undo_sel.data() + rec.sel_off + rec.nS);
-        X.u[l].assign(S.undo_u.data() + rec.u_off, S.undo_u.data() + rec.u_off + (long)rec.nS * 2 * X.C);
-        X.K[l].assign(S.acts[l].k, S.acts[l].k + (long)S.T * X.C);
-        X.V[l].assign(S.acts[l].v, S.acts[l].v + (long)S.T * X.C);
+    TraceCtx& tr = *(TraceCtx*)ctx;
+    if (j != tr.j) return;
+    for (int l = 0; l < tr.L; l++) {
+        const UndoRecord& rec = S.undo[(size_t)j * tr.L + l];
+        tr.s = rec.s; tr.e = rec.e;
+        tr.sel[l].assign(undo_sel_of(S, rec), undo_sel_of(S, rec) + rec.nS);
+        tr.u[l].assign(undo_u_of(S, rec), undo_u_of(S, rec) + (long)rec.nS * 2 * tr.C);
+        tr.K[l].assign(S.acts[l].k, S.acts[l].k + (long)S.T * tr.C);
+        tr.V[l].assign(S.acts[l].v, S.acts[l].v + (long)S.T * tr.C);
     }
 }
 
@@ -432,26 +432,26 @@ static std::string probe_trace(const Model& M, const std::vector<ProbeCell>& cel
     std::vector<int> b = segment_bounds(c, S, T);
     int nseg = (int)b.size() - 1;
     std::vector<std::string> lines = split_lines(text);
-    TraceCtx X;
-    X.j = std::max(1, (nseg - 2) / 2); X.L = c.L; X.C = c.C;
-    X.sel.resize(c.L); X.u.resize(c.L); X.K.resize(c.L); X.V.resize(c.L);
+    TraceCtx tr;
+    tr.j = std::max(1, (nseg - 2) / 2); tr.L = c.L; tr.C = c.C;
+    tr.sel.resize(c.L); tr.u.resize(c.L); tr.K.resize(c.L); tr.V.resize(c.L);
     TrainMode mode;
     mode.use_proc = true;
-    forward_sequence(M, S, T, mode, trace_after_boundary, &X);
+    forward_sequence(M, S, T, mode, trace_after_boundary, &tr);
     int res = -1, opd = -1;
-    future_labels(task, lines, X.j + 1, &res, &opd);
+    future_labels(task, lines, tr.j + 1, &res, &opd);
     std::string q = text;
     for (auto& ch : q) if (ch == '\n') ch = '|';
     std::string o = strf("Example `%s` (| is a newline). The bottleneck step after line %d `%s` (positions %d..%d; "
                          "position 0 is BOS). The next line is `%s`: next result %d, next operand %d.\n\n",
-                         q.c_str(), X.j, lines[X.j].c_str(), X.s, X.e - 1, lines[X.j + 1].c_str(), res, opd);
+                         q.c_str(), tr.j, lines[tr.j].c_str(), tr.s, tr.e - 1, lines[tr.j + 1].c_str(), res, opd);
     o += "| layer | pos | token | kind | \\|ΔK\\|/\\|K\\| | \\|ΔV\\|/\\|V\\| | p(token) from K: before → after | "
          "p(next result) from V: before → after |\n|---|---|---|---|---|---|---|---|\n";
     for (int l = 0; l < c.L; l++)
-        for (size_t i = 0; i < X.sel[l].size(); i++) {
-            int p = X.sel[l][i];
-            const float *uk = &X.u[l][i * 2 * c.C], *uv = uk + c.C, *pk = &X.K[l][(long)p * c.C], *pv = &X.V[l][(long)p * c.C];
-            bool cons = p >= X.s;
+        for (size_t i = 0; i < tr.sel[l].size(); i++) {
+            int p = tr.sel[l][i];
+            const float *uk = &tr.u[l][i * 2 * c.C], *uv = uk + c.C, *pk = &tr.K[l][(long)p * c.C], *pv = &tr.V[l][(long)p * c.C];
+            bool cons = p >= tr.s;
             std::string pt = "-", pr = "-";
             if (cons) {
                 pt = strf("%.2f → %.2f", probe_p(probe_cell(cells, PROBE_TOKEN, STAGE_BEFORE, l, 0).fit.probe, uk, toks[p]),
@@ -503,7 +503,7 @@ static void cmd_probe(const Args& a) {
     Model M, Mb;
     load_model(M, a.str("ckpt"));
     const Config& c = M.cfg;
-    if (c.dp == 0) BAD_INPUT("%s has no processor: bt probe compares a Bottlenecked model with its backbone", a.str("ckpt").c_str());
+    if (c.proc_width == 0) BAD_INPUT("%s has no processor: bt probe compares a Bottlenecked model with its backbone", a.str("ckpt").c_str());
     if (c.periodic) BAD_INPUT("%s rewrites every %d tokens: bt probe follows lines (newline schedule) only", a.str("ckpt").c_str(), c.periodic);
     std::string bname = "--ckpt with its processor off";
     if (a.has("backbone")) {

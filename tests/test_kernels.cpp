@@ -460,7 +460,7 @@ static std::vector<int> fetch_ints(const int* p, long n) {
 static void small_model(Model& M, bool proc, int periodic, uint64_t seed) {
     Config c;
     c.C = 32; c.L = 2; c.NH = 4; c.F = 64; c.T = 64;
-    if (proc) { c.dp = 16; c.np = 1; c.nhp = 2; c.fp = 32; c.k = 3; c.periodic = periodic; }
+    if (proc) { c.proc_width = 16; c.proc_layers = 1; c.proc_heads = 2; c.proc_ffn = 32; c.k = 3; c.periodic = periodic; }
     model_build(M, c);
     Rng r(seed);
     for (auto& p : M.table)
@@ -500,7 +500,7 @@ static StepOut train_step(const Model& M0, const TrainMode& mode) {
     backward_sequence(M, S, T, mode);
     out.logits = fetch(S.logits, (long)T * S.B * M.cfg.V);
     out.grads = fetch(live(M.grads, M.dev_grads), M.n_params);
-    out.sel = g_device ? fetch_ints(S.dev_undo_sel, S.undo_sel_n) : S.undo_sel;
+    out.sel = g_device ? fetch_ints(S.undo_sel, S.undo_sel_n) : std::vector<int>(S.undo_sel, S.undo_sel + S.undo_sel_n);
     OptConfig o;
     o.warmup = 1;
     out.norm = optimizer_step(M, o, 0, mode);
