@@ -218,6 +218,9 @@ struct Config {
     int periodic = 0;     // 0: newline schedule; N > 0: periodic:N (whole cache every N tokens)
     // pause-token baseline (README, "Design choices"): this many PAUSE tokens after every newline
     int pause = 0;
+    // latent-rollout baseline (tests/MODEL_SPEC.md, "Latent rollout"): this many latent positions
+    // after every newline, each fed the previous position's final normed state instead of a token
+    int latent = 0;
 };
 
 // Every integer of the config once: its checkpoint metadata key, its bt train flag, and the range
@@ -237,6 +240,7 @@ static const ConfigKey CONFIG_KEYS[] = {
     {"proc_ffn_hidden", "proc-ffn", &Config::proc_ffn, 1, 1 << 16, PROC_KEY},
     {"k", "k", &Config::k, 0, 64, PROC_KEY},
     {"pause", "pause", &Config::pause, 1, 64, OPTIONAL_KEY},
+    {"latent", "latent", &Config::latent, 1, 64, OPTIONAL_KEY},
 };
 static const ConfigKey& config_key(const char* key) {
     for (auto& k : CONFIG_KEYS)
@@ -257,10 +261,16 @@ static void validate_config(const Config& c) {
     if (c.proc_width > 0 && (c.proc_width % c.proc_heads != 0 || (c.proc_width / c.proc_heads) % 2 != 0))
         BAD_INPUT("processor heads (%d) must divide the processor width (%d) into an even head size", c.proc_heads,
                   c.proc_width);
-    if (c.periodic < 0 || c.pause < 0) BAD_INPUT("periodic and pause must not be negative");
+    if (c.periodic < 0 || c.pause < 0 || c.latent < 0) BAD_INPUT("periodic, pause and latent must not be negative");
+    if (c.latent > 0 && (c.pause > 0 || c.proc_width > 0))
+        BAD_INPUT("a latent model (latent %d) has no PAUSE tokens and no processor (pause %d, proc_width %d)", c.latent,
+                  c.pause, c.proc_width);
 }
 
-// the text a pause model reads: P PAUSE tokens ('_') after every newline
+// The text a pause or latent model reads: P PAUSE tokens ('_') after every newline, where P is its
+// pause or latent count (inserted_after_newline). A latent model's PAUSE positions are its latent
+// positions: their input is not the PAUSE embedding (backbone_forward).
+static int inserted_after_newline(const Config& c) { return c.pause + c.latent; }
 static std::string insert_pauses(const std::string& text, int P) {
     if (P == 0) return text;
     std::string out;
@@ -382,6 +392,9 @@ static void model_build(Model& M, const Config& c) {
 
 // --device cuda: copy the four buffers to the device and point w and g there
 static void model_upload(Model& M) {
+    if (M.cfg.latent)
+        BAD_INPUT("--device cuda does not run latent models (their positions go one at a time through the host): "
+                  "use --device cpu");
     long n = M.n_params;
     M.dmem.alloc(sizeof(float) * 4 * n);
     float* base = (float*)M.dmem.p;
@@ -619,6 +632,8 @@ struct RunState {
     std::vector<float*> dK, dV;        // L of (T,B,C): gradient w.r.t. each cache entry, summed over
                                        // every later reader as the backward walk goes back in time
     float *dx, *dlnf, *dlogits;        // (T,B,C), (T,B,C), (T,B,V)
+    float* dlatent = nullptr;          // (B,C) latent models: the gradient of a latent input, carried
+                                       //   back to the state it copied (latent_grad_from_input)
     BlockScratch sc;                   // sized for the wider of backbone and processor
     // Cache Processor
     ProcActs pa;
@@ -648,6 +663,7 @@ static void carve_run_state(Carver& cv, RunState& S, const Config& c, int T, int
     if (train) {
         for (int l = 0; l < c.L; l++) { S.dK[l] = cv.take(TB * c.C); S.dV[l] = cv.take(TB * c.C); }
         S.dx = cv.take(TB * c.C); S.dlnf = cv.take(TB * c.C); S.dlogits = cv.take(TB * c.V);
+        if (c.latent > 0) S.dlatent = cv.take((long)B * c.C);
         carve_block_scratch(cv, S.sc, std::max(c.C, c.proc_width), std::max(c.F, c.proc_ffn), (T + c.k) * (long)B);
     }
     if (c.proc_width > 0) {
@@ -726,12 +742,28 @@ static void run_state_build(RunState& S, const Config& c, int T, int B, bool tra
 // The backbone over one segment of positions [s,e) of the batch (rows s*B .. e*B), reading and
 // extending the KV cache. One call with [0,T) is the ordinary full causal pass.
 // =============================================================================================
+// Latent rollout: a row whose token is PAUSE at position s reads, instead of the PAUSE embedding,
+// the same sequence's final normed state at s-1 (the vector its logits came from):
+//   x0[s,b] = lnf[s-1,b]
+// A latent position can only open a segment (segment_bounds, the decoders cut before each one), so
+// that lnf[s-1] is already computed; the host's tokens say which rows are latent.
+static void latent_inputs_forward(RunState& S, int s, int e, int C) {
+    for (int t = s + 1; t < e; t++)
+        for (int b = 0; b < S.B; b++)
+            if (S.h_tokens[(long)t * S.B + b] == PAUSE) INTERNAL("latent position %d inside segment [%d,%d)", t, s, e);
+    if (s == 0) return;
+    for (int b = 0; b < S.B; b++)
+        if (S.h_tokens[(long)s * S.B + b] == PAUSE)
+            copy_floats(S.xs[0] + ((long)s * S.B + b) * C, S.lnf + ((long)(s - 1) * S.B + b) * C, C);
+}
+
 static void backbone_forward(const Model& M, RunState& S, int s, int e) {
     const Config& c = M.cfg;
     int B = S.B, N = (e - s) * B;
     long r0 = (long)s * B;
     BlockDims d = backbone_dims(c);
     OP(embedding_forward(S.xs[0] + r0 * c.C, S.tokens + r0, M.w.tok_emb, N, c.C));
+    if (c.latent > 0) latent_inputs_forward(S, s, e, c.C);
     for (int l = 0; l < c.L; l++)
         block_forward(S.xs[l + 1], S.acts[l], S.xs[l], M.w.layers[l], S.wt ? &S.wt->layers[l] : nullptr, d, S.pos,
                       Span{s, e, B, S.T}, CAUSAL);
@@ -745,6 +777,26 @@ static void backbone_forward(const Model& M, RunState& S, int s, int e) {
 
 // The backward of backbone_forward for segment [s,e). Cache gradients dK, dV from later segments
 // must already be in place. train_weights = false: a frozen backbone (activation grads only).
+// The backward of latent_inputs_forward, in two halves, as the walk back meets them:
+//   from the latent segment [s,..): dlatent[b] = d x0[s,b] (then d x0[s,b] = 0: PAUSE's embedding
+//     was not read there);
+//   in the segment before, ending at e = s: dlnf[e-1,b] += dlatent[b], beside its logits' gradient.
+static void latent_grad_from_input(RunState& S, int s, int C) {
+    for (int b = 0; s > 0 && b < S.B; b++)
+        if (S.h_tokens[(long)s * S.B + b] == PAUSE) {
+            float* dx0 = S.dx + ((long)s * S.B + b) * C;
+            copy_floats(S.dlatent + (long)b * C, dx0, C);
+            zero(dx0, C);
+        }
+}
+static void latent_grad_into_state(RunState& S, int e, int C) {
+    for (int b = 0; e < S.n_tok && b < S.B; b++)
+        if (S.h_tokens[(long)e * S.B + b] == PAUSE) {
+            float* d = S.dlnf + ((long)(e - 1) * S.B + b) * C;
+            for (int i = 0; i < C; i++) d[i] += S.dlatent[(long)b * C + i];
+        }
+}
+
 static void backbone_backward(Model& M, RunState& S, int s, int e, bool train_weights) {
     const Config& c = M.cfg;
     int B = S.B, N = (e - s) * B;
@@ -755,12 +807,14 @@ static void backbone_backward(Model& M, RunState& S, int s, int e, bool train_we
     OP(crossentropy_backward(S.dlogits + r0 * c.V, S.probs + r0 * c.V, S.targets + r0, S.weight + r0, 1.0f, N, c.V));
     OP(zero(S.dlnf + r0 * c.C, (long)N * c.C));
     OP(matmul_backward(S.dlnf + r0 * c.C, gemb, S.dlogits + r0 * c.V, S.lnf + r0 * c.C, M.w.tok_emb, N, c.C, c.V));
+    if (c.latent > 0) latent_grad_into_state(S, e, c.C);
     OP(zero(S.dx + r0 * c.C, (long)N * c.C));
     OP(rmsnorm_backward(S.dx + r0 * c.C, train_weights ? M.g.final_norm : nullptr, S.dlnf + r0 * c.C,
                         S.xs[c.L] + r0 * c.C, M.w.final_norm, S.rstdf + r0, N, c.C));
     for (int l = c.L - 1; l >= 0; l--)
         block_backward(S.dx, S.dK[l], S.dV[l], train_weights ? &M.g.layers[l] : nullptr, S.sc, S.acts[l], S.xs[l],
                        M.w.layers[l], d, S.pos, Span{s, e, B, S.T}, CAUSAL);
+    if (c.latent > 0) latent_grad_from_input(S, s, c.C);
     if (gemb) OP(embedding_backward(gemb, S.dx + r0 * c.C, S.tokens + r0, N, c.C));
 }
 
@@ -1000,14 +1054,17 @@ static bool is_boundary(const Config& c, int t, int tok) {
     return t > 0 && (c.periodic > 0 ? t % c.periodic == 0 : tok == NEWLINE);
 }
 
-// Segment starts for a batch into S.bounds: 0, every boundary, then T (the end). All sequences of
-// a batch share their newline positions, so sequence 0 decides.
+// Segment starts for a batch into S.bounds: 0, every boundary (a latent model: every latent
+// position), then T (the end). All sequences of a batch share their newline positions, so
+// sequence 0 decides.
 static const std::vector<int>& segment_bounds(const Config& c, RunState& S, int T) {
     std::vector<int>& b = S.bounds;
     b.clear();
     b.push_back(0);
-    for (int t = 1; t < T; t++)
-        if (is_boundary(c, t, S.h_tokens[(long)t * S.B])) b.push_back(t);
+    for (int t = 1; t < T; t++) {
+        int tok = S.h_tokens[(long)t * S.B];
+        if (c.latent > 0 ? tok == PAUSE : is_boundary(c, t, tok)) b.push_back(t);   // latent: before each latent position
+    }
     b.push_back(T);
     return b;
 }
@@ -1054,7 +1111,7 @@ static float forward_sequence(const Model& M, RunState& S, int T, const TrainMod
     set_targets(S, T);
     upload_batch(S, T);
     undo_clear(S);
-    if (!mode.use_proc && !mode.segmented) {   // no processor: the segment loop is one full causal pass
+    if (!mode.use_proc && !mode.segmented && M.cfg.latent == 0) {   // the segment loop is one causal pass
         backbone_forward(M, S, 0, T);
     } else {
         const std::vector<int>& b = segment_bounds(M.cfg, S, T);
@@ -1078,7 +1135,7 @@ static void backward_sequence(Model& M, RunState& S, int T, const TrainMode& mod
     const Config& c = M.cfg;
     long n = (long)T * S.B * c.C;   // the cache gradients' rows in use
     for (int l = 0; l < c.L; l++) { OP(zero(S.dK[l], n)); OP(zero(S.dV[l], n)); }
-    if (!mode.use_proc && !mode.segmented) { backbone_backward(M, S, 0, T, mode.train_backbone); return; }
+    if (!mode.use_proc && !mode.segmented && c.latent == 0) { backbone_backward(M, S, 0, T, mode.train_backbone); return; }
     const std::vector<int>& b = segment_bounds(c, S, T);
     int nseg = (int)b.size() - 1;
     int r = (int)S.undo.size();   // undo records are consumed from the end
@@ -1363,7 +1420,7 @@ struct DataStream {
     int lo = 0, hi = 0;
     std::vector<Example> file;                      // TASK_FILE
     std::map<std::string, std::vector<int>> by_layout;  // file examples grouped by newline layout
-    int pause = 0;                                  // PAUSE tokens after every newline (pause models)
+    int pause = 0;                                  // PAUSE positions after every newline (pause and latent models)
     Rng rng{1};
 };
 
@@ -1441,7 +1498,8 @@ static void decoder_init(Decoder& D, const Model& M, int evict = 0) {
     D.M = &M;
     run_state_build(D.S, M.cfg, M.cfg.T, 1, false);
     D.use_proc = M.cfg.proc_width > 0;
-    if (evict > 0 && D.use_proc) BAD_INPUT("eviction is a baseline for a vanilla model; this one has a processor");
+    if (evict > 0 && (D.use_proc || M.cfg.latent || M.cfg.pause))
+        BAD_INPUT("eviction is a baseline for a vanilla model; this one has a processor, pause or latent positions");
     if (evict > 0 && g_device) BAD_INPUT("--evict runs on the CPU only: drop --device cuda");
     D.evict = evict;
     if (!g_device) {   // the device's matmuls read W itself
@@ -1514,6 +1572,10 @@ static void decoder_feed(Decoder& D, const int* toks, int n) {
             if (D.trace) print_trace(D, D.seg_start, t);
             D.seg_start = chunk = t;
         }
+        if (c.latent > 0 && toks[i] == PAUSE && t > chunk) {   // a latent position opens its own chunk
+            decoder_forward(D, chunk, t);
+            chunk = t;
+        }
         if (D.evict && toks[i] == NEWLINE && t > D.seg_start) {
             if (D.seg_start > D.evict) {   // more older entries than the budget: evict
                 if (t > chunk) decoder_forward(D, chunk, t);
@@ -1543,11 +1605,12 @@ static int decoder_argmax(const Decoder& D) {
     return greedy_token(D.S.h_logits + row, D.M->cfg.V);
 }
 
-// Greedy continuation of prompt (text, no BOS) until '$' or the context is full. A pause model
-// is fed its PAUSE tokens after every newline (prompt and output); they are never emitted.
+// Greedy continuation of prompt (text, no BOS) until '$' or the context is full. A pause or
+// latent model is fed its PAUSE positions after every newline (prompt and output); nothing is
+// emitted there.
 static std::string generate(Decoder& D, const std::string& prompt) {
-    static const std::vector<int> pauses(64, PAUSE);   // P <= 64 (validate_config)
-    int P = D.M->cfg.pause;
+    static const std::vector<int> pauses(64, PAUSE);   // P <= 64 (CONFIG_KEYS)
+    int P = inserted_after_newline(D.M->cfg);
     decoder_reset(D);
     std::vector<int> toks = tokenize(insert_pauses(prompt, P), "prompt");
     decoder_feed(D, toks.data(), (int)toks.size());
@@ -1775,10 +1838,15 @@ static void batch_feed(BatchDecoder& BD, const int* toks, int n) {
     for (int i = 0; i < n; i++) {
         int t = S.n_tok;
         const int* tk = toks + (long)i * B;   // (B) the tokens at position t
-        bool any = false;
+        bool any = false, latent = false;
         for (int b = 0; b < B; b++) {
             BD.fires[b] = BD.use_proc && is_boundary(c, t, tk[b]) && t > BD.seg_start[b];
             any = any || BD.fires[b];
+            latent = latent || (c.latent > 0 && tk[b] == PAUSE);
+        }
+        if (latent && t > chunk) {   // a latent position opens its own chunk (in every sequence)
+            backbone_forward(*BD.M, S, chunk, t);
+            chunk = t;
         }
         if (any) {
             if (t > chunk) backbone_forward(*BD.M, S, chunk, t);
@@ -1806,7 +1874,7 @@ static const float* batch_logits(const BatchDecoder& BD, int b) {
 static std::vector<std::string> batch_generate(BatchDecoder& BD, const std::vector<std::string>& prompts,
                                                std::vector<std::vector<float>>* logits = nullptr) {
     RunState& S = BD.S;
-    int T = S.T, V = BD.M->cfg.V, P = BD.M->cfg.pause, n = (int)prompts.size();
+    int T = S.T, V = BD.M->cfg.V, P = inserted_after_newline(BD.M->cfg), n = (int)prompts.size();
     std::vector<std::vector<int>> seq(n);
     std::vector<std::string> out(n);
     for (int i = 0; i < n; i++) {
@@ -2125,8 +2193,10 @@ static const FlagSpec CORE_FLAGS[] = {
     {"ckpt", "", "checkpoint to read (.safetensors)"},
     {"out", "bt.safetensors", "checkpoint to write"},
     {"init", "", "start from this backbone checkpoint"},
-    {"model", "vanilla", "vanilla | bt (backbone + Cache Processor) | pause | pause-frozen (PAUSE tokens after newlines)"},
+    {"model", "vanilla", "vanilla | bt (backbone + Cache Processor) | pause | pause-frozen (PAUSE tokens after newlines) | "
+                         "latent (latent positions after newlines, fed the model's own state)"},
     {"pause", "4", "PAUSE tokens after every newline (--model pause, pause-frozen)"},
+    {"latent", "4", "latent positions after every newline (--model latent)"},
     {"steps", "1000", "training steps"},
     {"batch", "32", "sequences per batch"},
     {"lr", "0.003", "peak learning rate (AdamW)"},
@@ -2299,7 +2369,7 @@ static int size_flag(const Args& a, const char* flag, int dflt = 0) {
 
 // the model's config for bt train: from --init (its backbone, and its processor if it has one)
 // or from the size flags; processor flags override, and need --model bt
-static Config train_config(const Args& a, bool is_bt, bool is_pause, SafeFile* init) {
+static Config train_config(const Args& a, bool is_bt, bool is_pause, bool is_latent, SafeFile* init) {
     Config c;
     if (a.has("init")) {
         for (const char* f : {"d-model", "layers", "heads", "ffn", "max-seq-len"})
@@ -2313,6 +2383,8 @@ static Config train_config(const Args& a, bool is_bt, bool is_pause, SafeFile* i
     }
     if (is_pause) c.pause = size_flag(a, "pause");
     else if (a.has("pause")) BAD_INPUT("--pause needs --model pause or pause-frozen");
+    if (is_latent) c.latent = size_flag(a, "latent");
+    else if (a.has("latent")) BAD_INPUT("--latent needs --model latent");
     if (!is_bt) {
         for (const char* f : {"proc-width", "proc-layers", "proc-heads", "proc-ffn", "k", "schedule", "bptt", "joint"})
             if (a.has(f)) BAD_INPUT("--%s is a processor flag: it needs --model bt", f);
@@ -2356,6 +2428,9 @@ static void print_train_header(const Args& a, const Model& M, const TrainMode& m
     if (c.pause)
         printf("  pause    %d PAUSE tokens after every newline; %s learns\n", c.pause,
                mode.pause_row_only ? "only the PAUSE embedding" : "the whole backbone");
+    if (c.latent)
+        printf("  latent   %d latent positions after every newline, each fed the state before it (one at a time)\n",
+               c.latent);
     if (mode.use_proc)
         printf("  processor width %d, blocks %d, heads %d, ffn %d, k %d, schedule %s, bptt %s, backbone %s\n", c.proc_width,
                c.proc_layers, c.proc_heads, c.proc_ffn, c.k, c.periodic ? strf("periodic:%d", c.periodic).c_str() : "newline",
@@ -2480,9 +2555,11 @@ static void train_setup(TrainRun& R, const Args& given) {
     SafeFile state;
     Args a = given.has("resume") ? resume_args(given, &state) : given;
     std::string model = a.str("model");
-    bool is_bt = model == "bt", is_pause = model == "pause" || model == "pause-frozen";
-    if (!is_bt && !is_pause && model != "vanilla")
-        BAD_INPUT("--model must be vanilla, bt, pause or pause-frozen, got '%s'", model.c_str());
+    bool is_bt = model == "bt", is_pause = model == "pause" || model == "pause-frozen", is_latent = model == "latent";
+    if (!is_bt && !is_pause && !is_latent && model != "vanilla")
+        BAD_INPUT("--model must be vanilla, bt, pause, pause-frozen or latent, got '%s'", model.c_str());
+    if (is_latent && g_device)
+        BAD_INPUT("--model latent runs on the CPU only (its positions go one at a time through the host): drop --device cuda");
     if (is_bt && !a.has("joint") && !a.has("init"))
         BAD_INPUT("--model bt trains a processor on a frozen backbone: give --init BACKBONE.safetensors, or --joint to "
                   "train both from scratch");
@@ -2512,7 +2589,7 @@ static void train_setup(TrainRun& R, const Args& given) {
         SafeFile ck = read_safetensors(a.str("out"));
         model_build(R.M, config_from_meta(ck.meta, a.str("out")));
     } else {
-        model_build(R.M, train_config(a, is_bt, is_pause, &init));
+        model_build(R.M, train_config(a, is_bt, is_pause, is_latent, &init));
         model_init_random(R.M, seed);
         if (a.has("init")) copy_tensors(R.M, init, a.str("init"), true);   // a processor new to it keeps its init
     }
@@ -2521,7 +2598,7 @@ static void train_setup(TrainRun& R, const Args& given) {
     R.mode.bptt_step = bptt == "step";
     R.mode.pause_row_only = model == "pause-frozen";
     R.D = train_data(a, seed);
-    R.D.pause = R.M.cfg.pause;
+    R.D.pause = inserted_after_newline(R.M.cfg);
     int T = max_tokens(R.D);
     run_state_build(R.S, R.M.cfg, T, R.B, true);
     if (given.has("resume")) restore_run(R, state, a.str("out"));
@@ -2625,7 +2702,8 @@ static void cmd_eval(const Args& a) {
     if (evict && M.cfg.proc_width) BAD_INPUT("--evict is a baseline for a vanilla model; %s has a processor", a.str("ckpt").c_str());
     if (g_device) model_upload(M);
     printf("bt eval | %s | %s | processor %s%s%s\n", a.str("ckpt").c_str(), build_flags().c_str(), M.cfg.proc_width ? "on" : "none",
-           M.cfg.pause ? strf(" | %d PAUSE after newlines", M.cfg.pause).c_str() : "",
+           M.cfg.pause ? strf(" | %d PAUSE after newlines", M.cfg.pause).c_str() :
+           M.cfg.latent ? strf(" | %d latent positions after newlines", M.cfg.latent).c_str() : "",
            evict ? strf(" | evict: %d older entries kept at each newline", evict).c_str() : "");
     printf("%-10s %5s   %6s   %9s   %s\n", "size", "n", "answer", "all-lines", "first wrong line (mean, of wrong)");
     double t0 = now_seconds();
@@ -2696,7 +2774,7 @@ static void cmd_score(const Args& a) {
     double total = 0.0;
     for (auto& e : ex) {
         RunState S;
-        std::string text = insert_pauses(e.text, M.cfg.pause);
+        std::string text = insert_pauses(e.text, inserted_after_newline(M.cfg));
         int T = (int)text.size() + 1;
         run_state_build(S, M.cfg, T, 1, false);
         load_batch(S, {text});
@@ -2719,7 +2797,7 @@ static void cmd_score(const Args& a) {
 // ---- the commands of bt.cpp (lab/lab.cpp adds experiment, probe and bench)
 static const Command CORE_COMMANDS[] = {
     {"train", "task data out init model steps batch lr warmup wd clip seed d-model layers heads ffn max-seq-len "
-              "proc-width proc-layers proc-heads proc-ffn k schedule bptt joint pause log-every save-every resume "
+              "proc-width proc-layers proc-heads proc-ffn k schedule bptt joint pause latent log-every save-every resume "
               "device",
      "train a model (vanilla backbone, or a Cache Processor on top with --model bt)", cmd_train},
     {"eval", "ckpt task data sizes n seed evict device", "greedy decoding accuracy per problem size", cmd_eval},

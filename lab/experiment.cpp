@@ -6,7 +6,8 @@
 // stopped (a half-trained run resumes from its last checkpoint); then results.md and the plots.
 //   v4 (frozen backbone): stage 1 trains a vanilla backbone for --stage1 steps; every arm then
 //       gets --stage2 more steps from it: vanilla+extra, bt (k 4, bptt step and full), bt k 0,
-//       pause P (the backbone fine-tuned with P PAUSE after newlines), pause-frozen (only PAUSE's row).
+//       pause P (the backbone fine-tuned with P PAUSE after newlines), pause-frozen (only PAUSE's row),
+//       latent P (fine-tuned with P latent positions after newlines, fed the model's own state).
 //   v1 (end to end from scratch, --steps each): vanilla, bt joint, bt joint periodic:16,
 //       vanilla-large (about the parameters of backbone + processor), and evict B (H2O at decoding
 //       on the v1 vanilla model; no training).
@@ -26,6 +27,8 @@ static const ArmSpec ARMS[] = {
     {"v4", "pause4", "--model pause --pause 4", 0},
     {"v4", "pause16", "--model pause --pause 16", 0},
     {"v4", "pause4-frozen", "--model pause-frozen --pause 4", 0},
+    {"v4", "latent1", "--model latent --latent 1", 0},
+    {"v4", "latent4", "--model latent --latent 4", 0},
     {"v1", "vanilla", "--model vanilla", 0},
     {"v1", "bt-joint", "--model bt --joint", 0},
     {"v1", "bt-joint-periodic16", "--model bt --joint --schedule periodic:16", 0},
@@ -75,7 +78,7 @@ static double flops_per_token(const Config& c, double T) {
 // processor, its work at every boundary (W_in, its blocks, W_out over the rewritten entries)
 static double model_flops(const Model& M, const std::string& text) {
     const Config& c = M.cfg;
-    std::vector<int> toks = tokenize(insert_pauses(text, c.pause), "flops");
+    std::vector<int> toks = tokenize(insert_pauses(text, inserted_after_newline(c)), "flops");
     double T = (double)toks.size(), total = T * flops_per_token(c, T);
     if (c.proc_width > 0) {
         int start = 0;
@@ -435,8 +438,9 @@ static void cmd_experiment(const Args& a) {
     std::vector<Job> jobs;
     auto cost_of = [](const std::string& flags, int steps) {
         double f = flags.find("--model bt") != std::string::npos ? 2.5 : 1.0;
-        size_t p = flags.find("--pause ");
+        size_t p = flags.find("--pause "), q = flags.find("--latent ");
         if (p != std::string::npos) f += atoi(flags.c_str() + p + 8) / 8.0;   // P tokens after every ~8-token line
+        if (q != std::string::npos) f += atoi(flags.c_str() + q + 9) / 4.0;   // the same, one position at a time
         if (flags.find("--d-model") != std::string::npos) f = 1.5;
         return f * steps + 30;                                                // + evaluation
     };

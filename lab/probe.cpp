@@ -508,7 +508,7 @@ static void cmd_probe(const Args& a) {
     std::string bname = "--ckpt with its processor off";
     if (a.has("backbone")) {
         load_model(Mb, a.str("backbone"));
-        if (Mb.cfg.C != c.C || Mb.cfg.L != c.L || Mb.cfg.pause)
+        if (Mb.cfg.C != c.C || Mb.cfg.L != c.L || Mb.cfg.pause || Mb.cfg.latent)
             BAD_INPUT("--backbone %s must be a plain model of the same width and depth (d_model %d, %d layers)",
                       a.str("backbone").c_str(), c.C, c.L);
         bname = a.str("backbone");

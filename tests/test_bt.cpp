@@ -1584,3 +1584,136 @@ TEST_CASE("probe collection: entries before the first rewrite equal the backbone
     CHECK(P.U.n[0][0] == b[4]);
     CHECK(P.U.n[1][1] == 2 * 3);
 }
+
+// =============================================================================================
+// The latent-rollout baseline (tests/MODEL_SPEC.md, "Latent rollout"): P latent positions after
+// every newline, each fed the state before it
+// =============================================================================================
+TEST_CASE("latent rollout matches PyTorch: latent inputs, logits, loss, every gradient") {
+    Model M;
+    SafeFile f = load_reference(M, ref_path("ref_latent.safetensors"));
+    REQUIRE(M.cfg.latent == 2);
+    RunState S;
+    int T = load_ref_tokens(S, M, f, true);
+    int B = S.B, C = M.cfg.C;
+    TrainMode mode;   // a latent model walks its segments by itself
+    float loss = forward_sequence(M, S, T, mode);
+    // the fed-back vectors: x0 at each latent position, in position order
+    std::vector<float> got;
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++)
+            if (S.h_tokens[(long)t * B + b] == PAUSE) got.insert(got.end(), S.xs[0] + ((long)t * B + b) * C, S.xs[0] + ((long)t * B + b + 1) * C);
+    const Tensor& want = f.tensors.at("latent_inputs");
+    REQUIRE((long)got.size() == (long)want.data.size());
+    CHECK(check_tensor("latent_inputs", got.data(), want.data.data(), got.size(), 1e-4f));
+    std::vector<float> logits = batch_major(S.logits, T, B, M.cfg.V);
+    CHECK(check_tensor("logits", logits.data(), f.tensors.at("logits").data.data(), logits.size(), 1e-4f));
+    CHECK(check_tensor("loss", &loss, f.tensors.at("loss").data.data(), 1, 1e-5f));
+    backward_sequence(M, S, T, mode);
+    CHECK(check_grads(M, f, ""));
+}
+
+static Config tiny_latent_config(int P) {
+    Config c = tiny_config(false);
+    c.latent = P;
+    return c;
+}
+static int tiny_latent_batch(RunState& S, const Config& c, bool train, uint64_t seed = 5) {
+    Rng r(seed);
+    std::vector<std::string> texts = {insert_pauses(gen_chain(r, 3), c.latent), insert_pauses(gen_chain(r, 3), c.latent)};
+    run_state_build(S, c, (int)texts[0].size() + 1, 2, train);
+    return load_batch(S, texts);
+}
+
+TEST_CASE("finite differences through the latent chain: every parameter (P = 2)") {
+    Model M;
+    model_build(M, tiny_latent_config(2));
+    randomize(M, 91, 0.3f);
+    RunState S;
+    int T = tiny_latent_batch(S, M.cfg, true);
+    TrainMode mode;
+    model_loss(M, S, T, mode);
+    backward_sequence(M, S, T, mode);
+    std::vector<float> g = M.grads;
+    bool ok = true;
+    for (auto& p : M.table)
+        ok &= fd_check(p.name, [&]() { return model_loss(M, S, T, mode); },
+                       {{p.name, M.params.data() + p.offset, p.numel, g.data() + p.offset}}, 1e-2f, 2e-2f);
+    CHECK(ok);
+    // the chain matters: without the fed-back gradient (a PAUSE embedding read instead, as a pause
+    // model would) the gradient of the final norm differs
+    double diff = 0;
+    Model Mp;
+    Config cp = tiny_config(false);
+    cp.pause = 2;
+    model_build(Mp, cp);
+    Mp.params = M.params;
+    RunState Sp;
+    int Tp = tiny_latent_batch(Sp, M.cfg, true);
+    CHECK(Tp == T);
+    model_loss(Mp, Sp, T, mode);
+    backward_sequence(Mp, Sp, T, mode);
+    for (long i = 0; i < M.n_params; i++) diff = std::max(diff, (double)fabsf(Mp.grads[i] - g[i]));
+    printf("  a pause model on the same weights: gradients differ by up to %.3e\n", diff);
+    CHECK(diff > 1e-3);
+}
+
+TEST_CASE("latent decoding (one Decoder, and batched) gives bt score's logits and the same texts") {
+    Model M;
+    model_build(M, tiny_latent_config(2));
+    randomize(M, 93, 0.3f);
+    RunState S;
+    int T = tiny_latent_batch(S, M.cfg, false);
+    forward_sequence(M, S, T, TrainMode());   // the path bt score uses
+    for (int b = 0; b < S.B; b++) {
+        auto want = seq_logits(S, T, b, M.cfg.V), got = decode_logits(M, S, T, b);
+        CHECK(check_tensor(strf("latent decode vs score, sequence %d", b), got.data(), want.data(), want.size(), 1e-4f));
+    }
+    // generate feeds the latent positions after every newline it writes, and never emits them
+    Decoder D;
+    decoder_init(D, M);
+    std::string out = generate(D, "1+2\n");
+    CHECK(out.find('_') == std::string::npos);
+    CHECK(std::count(D.S.h_tokens, D.S.h_tokens + D.S.n_tok, PAUSE) >= 2);
+    BatchDecoder BD;
+    batch_init(BD, M, 7);
+    CHECK(check_batched(M, BD, BATCH_PROMPTS, "latent 2"));
+}
+
+TEST_CASE("latent: a run stopped midway and resumed ends bitwise equal; the flags it refuses") {
+    std::vector<std::string> run = {"--model", "latent", "--latent", "2", "--task", "chain", "--steps", "8", "--batch", "4",
+        "--d-model", "16", "--layers", "2", "--heads", "2", "--max-seq-len", "128", "--save-every", "3",
+        "--log-every", "100", "--seed", "4"};
+    std::string a = tmp_path("latent_whole.safetensors"), b = tmp_path("latent_stopped.safetensors");
+    TrainRun A;
+    A.quiet = true;
+    train_setup(A, train_args_from(with(run, {"--out", a})));
+    train_steps(A, 8);
+    save_run(A);
+    {
+        TrainRun B;
+        B.quiet = true;
+        train_setup(B, train_args_from(with(run, {"--out", b})));
+        train_steps(B, 5);   // saved at step 3, dropped at 5
+    }
+    TrainRun C;
+    C.quiet = true;
+    train_setup(C, train_args_from({"--resume", b}));
+    CHECK(C.step == 3);
+    CHECK(C.M.cfg.latent == 2);
+    train_steps(C, 8);
+    save_run(C);
+    CHECK(read_bytes(a) == read_bytes(b));
+    CHECK(read_bytes(state_path(a)) == read_bytes(state_path(b)));
+    Model L;
+    load_model(L, a);
+    CHECK(L.cfg.latent == 2);
+    for (auto& p : {a, b}) { remove(p.c_str()); remove(state_path(p).c_str()); }
+    std::string msg;
+    TrainRun X;
+    CHECK(error_code([&] { train_setup(X, train_args_from({"--latent", "2"})); }, &msg) == 2);
+    CHECK(msg.find("--model latent") != std::string::npos);
+    CHECK(error_code([&] { train_setup(X, train_args_from({"--model", "latent", "--latent", "65"})); }) == 2);
+    CHECK(error_code([&] { Config c = tiny_latent_config(2); c.pause = 1; validate_config(c); }) == 2);
+    CHECK(error_code([&] { Config c = tiny_config(true); c.latent = 1; validate_config(c); }) == 2);
+}

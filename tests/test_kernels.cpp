@@ -618,6 +618,27 @@ static std::string escaped(const std::string& text) {
     return out;
 }
 
+TEST_CASE("device path: a latent model is refused with a clear message (it runs on the CPU only)") {
+    OnDevice on;
+    std::string msg;
+    try {
+        TrainRun R;
+        R.quiet = true;
+        train_setup(R, train_args_from({"--model", "latent", "--latent", "2", "--d-model", "16", "--layers", "1",
+                                        "--heads", "2", "--steps", "1"}));
+    } catch (BtError& e) { msg = e.what(); CHECK(e.code == 2); }
+    printf("  train: %s\n", msg.c_str());
+    CHECK(msg.find("CPU only") != std::string::npos);
+    Config c;
+    c.C = 16; c.L = 1; c.NH = 2; c.F = 32; c.T = 32; c.latent = 2;
+    Model M;
+    model_build(M, c);
+    msg.clear();
+    try { model_upload(M); } catch (BtError& e) { msg = e.what(); CHECK(e.code == 2); }
+    printf("  eval, generate, score (model_upload): %s\n", msg.c_str());
+    CHECK(msg.find("--device cpu") != std::string::npos);
+}
+
 TEST_CASE("device path: greedy decoding (generate) gives the CPU's text and logits; so does scoring") {
     const char* prompts[] = {"1*4-0+3\n", "7+2*5-8\n", "3-8\n"};
     for (int proc = 0; proc <= 1; proc++) {
