@@ -11,9 +11,32 @@
 // Tests:           make test        (tests/test_bt.cpp includes this file with BT_TESTING)
 // The exact model: tests/MODEL_SPEC.md; the choices the paper leaves open: README.md, "Design choices".
 //
-// Sections: errors and small utilities -> vocabulary -> config -> parameters -> one transformer
-// block -> backbone and run state -> THE CACHE PROCESSOR -> training through time -> optimizer ->
-// tasks and data -> decoding and evaluation -> checkpoints (safetensors) -> command line.
+// Where to start reading: forward_sequence (training through time: the segments forward, the
+// bottleneck step at each boundary), then bottleneck_step (its four steps, numbered), then
+// backward_sequence (the walk back with the undo log). Set a breakpoint on bottleneck_step and
+// watch S.acts[l].k change (README, "Stepping through the bottleneck step in gdb").
+//
+// Contents, top to bottom (beside it: tensor.hpp, every op forward and backward; io.hpp, errors,
+// files and safetensors; cli.hpp, flags and commands; kernels.cu, the ops on a GPU):
+//   small utilities, Rng, Carver ............... where the ops run (OP: CPU, or --device cuda)
+//   vocabulary ................................. 48 tokens, one per character
+//   config ..................................... sizes; CONFIG_KEYS: every key, flag and range once
+//   parameters ................................. one table of every tensor; init; the model
+//   one transformer block ...................... block_forward, block_backward (backbone and processor)
+//   run state .................................. activations, the KV cache, the undo log, gradients
+//   the backbone ............................... backbone_forward/backward over a segment [s,e);
+//                                                the latent-rollout baseline's fed-back inputs
+//   THE CACHE PROCESSOR ........................ select, gather, transform, write back: bottleneck_step
+//                                                and its backward, layer by layer, from the undo log
+//   training through time ...................... segment_bounds, forward_sequence, backward_sequence
+//   optimizer .................................. AdamW, warmup and cosine, clipping
+//   tasks and data ............................. chain, add, var, mul; example files; batches
+//   decoding ................................... Decoder (the reference), generate, --trace, eviction
+//   the batched decoder ........................ decode_batched.hpp (the fast path bt eval uses)
+//   evaluation ................................. evaluate: greedy answers line by line
+//   checkpoints ................................ save_model, load_model (safetensors + metadata)
+//   command line ............................... bt train (and --resume), eval, generate, score; main
+// lab/lab.cpp includes this file and adds bt experiment, bt probe and bt bench (make builds that).
 #include <algorithm>
 #include <chrono>
 #include <cstdarg>
@@ -33,6 +56,7 @@
 
 #include "tensor.hpp"
 #include "io.hpp"       // errors (BtError), strf, files, a JSON reader, safetensors
+#include "cli.hpp"      // flags, parsed arguments, the table of commands
 
 // --device cuda: a build with CUDA (make USE_CUDA=1: nvcc and -DUSE_CUDA) also compiles kernels.cu,
 // whose launchers cuda::<op> take the arguments of the ops in tensor.hpp (and of the processor's
@@ -1661,261 +1685,10 @@ static void print_trace(const Decoder& D, int s, int e) {
 }
 
 // =============================================================================================
-// The batched decoder: B sequences decode in one pass, lock-step by position.
-// Row t*B+b of its run state holds sequence b's token at position t (the layout training uses),
-// so one backbone_forward over positions [s,e) runs every sequence and each matmul sees (e-s)*B
-// rows. Every op is per row or per (sequence, head), and every matmul output is one fma chain over
-// k in a fixed order whatever the number of rows (tensor.hpp), so each sequence gets the same bits
-// as alone in a Decoder (a test checks tokens and logits with tolerance 0).
-// - At each step all sequences are at the same position t. Sequence b's token at t is forced (its
-//   prompt, the PAUSE tokens a pause model gets after each newline) or its own greedy choice from
-//   its logits at t-1; prompts of different lengths are fine.
-// - A finished sequence ('$', or the context full) leaves the batch: the others move down to
-//   fill its slot and the row stride B shrinks (batch_compact). The run state is carved for
-//   B_cap sequences, and buffers sized in whole rows of B_cap hold any B <= B_cap.
-// - The processor: the sequences whose token at t is a boundary are rewritten before reading it,
-//   each on its own segment [seg_start_b, t). Those that share a segment start fire together
-//   through the same bottleneck_step: in place when they are the whole batch (with examples of
-//   one layout, as in bt eval, nearly always), else gathered into a sub-batch G.
-// - Not batched: eviction (each sequence compacts its cache at its own newlines, so slots part
-//   from positions and lock-step cannot hold) and --device cuda; both keep one Decoder per
-//   sequence (evaluate, bench_decode), as does --trace (bt generate).
+// The batched decoder (decode_batched.hpp): B sequences in one run state, lock-step by position,
+// the same bits per sequence as a Decoder; evaluation below runs it.
 // =============================================================================================
-struct BatchDecoder {
-    const Model* M = nullptr;
-    RunState S;                   // B_cap sequences, T = max_seq_len, no gradients. S.B: the
-                                  // sequences decoding now (the row stride); S.n_tok: positions fed
-    int B_cap = 0;
-    bool use_proc = false;
-    std::vector<int> seg_start;   // (B_cap) first position of each sequence's current segment
-    std::vector<char> fires;      // (B_cap) scratch: does sequence b fire before this position
-    std::vector<int> group;       // (B_cap) scratch: the sequences of one firing group, or of a compaction
-    // a firing group of n < B sequences is gathered into G at stride n; G is carved for G_cap
-    // sequences, which grows in powers of 2
-    RunState G;
-    int G_cap = 0;
-    std::vector<float> wt_mem;    // (n_params) the model's matrices transposed, as a Decoder keeps them
-    Weights wt;
-};
-
-static void batch_init(BatchDecoder& BD, const Model& M, int B) {
-    if (g_device) INTERNAL("the batched decoder runs on the CPU; --device cuda decodes with one Decoder per sequence");
-    BD.M = &M;
-    run_state_build(BD.S, M.cfg, M.cfg.T, B, false);
-    BD.B_cap = B;
-    BD.use_proc = M.cfg.proc_width > 0;
-    BD.seg_start.assign(B, 0);
-    BD.fires.assign(B, 0);
-    BD.group.assign(B, 0);
-    transpose_weights(M, BD.wt_mem, BD.wt);
-    BD.S.wt = &BD.wt;
-}
-
-// the row stride of S becomes B: row r is position r / B (RoPE)
-static void batch_set_stride(RunState& S, int B) {
-    S.B = B;
-    for (long r = 0; r < (long)S.T * B; r++) S.h_pos[r] = (int)(r / B);   // on the CPU h_pos is pos
-}
-// start n <= B_cap empty sequences
-static void batch_reset(BatchDecoder& BD, int n) {
-    if (n > BD.B_cap) INTERNAL("%d sequences for a batched decoder of %d", n, BD.B_cap);
-    batch_set_stride(BD.S, n);
-    BD.S.n_tok = 0;
-    std::fill(BD.seg_start.begin(), BD.seg_start.end(), 0);
-}
-
-// Drop the sequences with drop[b] set: the others keep their order in slots 0..B'-1 and the row
-// stride becomes B'. Moved, for positions [0,n_tok): what later steps read, K and V of every
-// layer (the cache) and the attention rows from the earliest current segment on (the processor's
-// select reads a segment's rows); and the tokens, for whoever looks. The other activations of
-// earlier positions (their logits too) are never read again and stay behind. Row p*B'+j never
-// lies after row p*B+b (j <= b, B' <= B), so moving in row order overwrites no row still to move.
-static void batch_compact(BatchDecoder& BD, const char* drop) {
-    RunState& S = BD.S;
-    const Config& c = BD.M->cfg;
-    int B = S.B, nb = 0, s0 = S.n_tok;
-    int* from = BD.group.data();   // (B') the slot each new slot comes from
-    for (int b = 0; b < B; b++)
-        if (!drop[b]) { from[nb++] = b; s0 = std::min(s0, BD.seg_start[b]); }
-    if (nb == B) return;
-    long W_att = (long)c.NH * S.T;   // one row of att: (NH,T)
-    for (int p = 0; p < S.n_tok; p++)
-        for (int j = 0; j < nb; j++) {
-            long dst = (long)p * nb + j, src = (long)p * B + from[j];
-            for (int l = 0; l < c.L; l++) {
-                memmove(S.acts[l].k + dst * c.C, S.acts[l].k + src * c.C, sizeof(float) * c.C);
-                memmove(S.acts[l].v + dst * c.C, S.acts[l].v + src * c.C, sizeof(float) * c.C);
-                if (p >= s0) memmove(S.acts[l].att + dst * W_att, S.acts[l].att + src * W_att, sizeof(float) * W_att);
-            }
-            S.h_tokens[dst] = S.h_tokens[src];
-        }
-    for (int j = 0; j < nb; j++) BD.seg_start[j] = BD.seg_start[from[j]];
-    batch_set_stride(S, nb);
-}
-
-// rows [p0,p1) of one sequence from a (T,Bs,W) buffer into a (T,Bd,W) one:
-// dst[p, bd, :] = src[p, bs, :]
-static void copy_sequence_rows(float* dst, int Bd, int bd, const float* src, int Bs, int bs, int p0, int p1, long W) {
-    for (int p = p0; p < p1; p++)
-        memcpy(dst + ((long)p * Bd + bd) * W, src + ((long)p * Bs + bs) * W, sizeof(float) * W);
-}
-
-// K and V rows of the positions in sel (nS,n), between the batch's cache a (T,B,C) and a group's
-// g (T,n,C): g[sel[r,j], j] = a[sel[r,j], group[j]] (to_group), or the other way
-static void copy_selected_rows(BlockActs& g, BlockActs& a, const int* sel, int nS, int n, const int* group, int B,
-                               int C, bool to_group) {
-    size_t bytes = sizeof(float) * C;
-    for (long r = 0; r < (long)nS * n; r++) {
-        long gi = ((long)sel[r] * n + r % n) * C, ai = ((long)sel[r] * B + group[r % n]) * C;
-        if (to_group) {
-            memcpy(g.k + gi, a.k + ai, bytes);
-            memcpy(g.v + gi, a.v + ai, bytes);
-        } else {
-            memcpy(a.k + ai, g.k + gi, bytes);
-            memcpy(a.v + ai, g.v + gi, bytes);
-        }
-    }
-}
-
-// Fire the processor for the n sequences BD.group[0..n), all with segment [s,t). The whole batch
-// is rewritten in place. Fewer are gathered into G: per layer, the segment's attention rows, then
-// select_forward there (as bottleneck_step will do, with the same result) names the cache entries
-// the firing reads and rewrites, and only those K, V rows are copied; bottleneck_step runs on G's
-// n sequences, and the rows its undo log lists (the same entries) go back.
-static void batch_fire_group(BatchDecoder& BD, int s, int t, int n) {
-    RunState& S = BD.S;
-    const Config& c = BD.M->cfg;
-    if (n == S.B) {
-        undo_clear(S);   // decoding never walks back: keep the log to one firing
-        bottleneck_step(*BD.M, S, s, t);
-        return;
-    }
-    if (n > BD.G_cap) {
-        int cap = 1;
-        while (cap < n) cap *= 2;
-        BD.G_cap = std::min(cap, BD.B_cap);
-        run_state_build(BD.G, c, c.T, BD.G_cap, false);
-        BD.G.wt = &BD.wt;   // the processor's matmuls read the transposed weights too
-    }
-    RunState& G = BD.G;
-    G.B = n;   // the stride of this group; bottleneck_step reads no positions from G.pos
-    long W_att = (long)c.NH * S.T;   // one row of att: (NH,T)
-    for (int l = 0; l < c.L; l++) {
-        for (int j = 0; j < n; j++) copy_sequence_rows(G.acts[l].att, n, j, S.acts[l].att, S.B, BD.group[j], s, t, W_att);
-        int nS = select_forward(G.pa.sel, G.pa.scores, G.acts[l].att, s, t, n, c.NH, S.T, c.k, c.periodic);
-        copy_selected_rows(G.acts[l], S.acts[l], G.pa.sel, nS, n, BD.group.data(), S.B, c.C, true);
-    }
-    undo_clear(G);
-    bottleneck_step(*BD.M, G, s, t);
-    for (const UndoRecord& rec : G.undo)
-        copy_selected_rows(G.acts[rec.layer], S.acts[rec.layer], undo_sel_of(G, rec), rec.nS, n, BD.group.data(), S.B,
-                           c.C, false);
-}
-
-// The sequences with BD.fires[b] set, grouped by segment start: each group fires on [s,t) and
-// its segments then start at t. Groups go in order of their first sequence.
-static void batch_fire(BatchDecoder& BD, int t) {
-    int B = BD.S.B;
-    for (int b0 = 0; b0 < B; b0++) {
-        if (!BD.fires[b0]) continue;
-        int s = BD.seg_start[b0], n = 0;
-        for (int b = b0; b < B; b++)
-            if (BD.fires[b] && BD.seg_start[b] == s) { BD.group[n++] = b; BD.fires[b] = 0; }
-        batch_fire_group(BD, s, t, n);
-        for (int j = 0; j < n; j++) BD.seg_start[BD.group[j]] = t;
-    }
-}
-
-// Append n positions to every sequence: toks (n,B), sequence b's token at position n_tok+i is
-// toks[i*B+b]. As decoder_feed: the backbone runs chunk by chunk, and before a position whose
-// token is a boundary for some sequences, those are rewritten on the segment they just ended.
-static void batch_feed(BatchDecoder& BD, const int* toks, int n) {
-    RunState& S = BD.S;
-    const Config& c = BD.M->cfg;
-    int B = S.B;
-    if (S.n_tok + n > S.T) BAD_INPUT("the sequence would exceed the model's context of %d tokens", S.T);
-    int chunk = S.n_tok;
-    for (int i = 0; i < n; i++) {
-        int t = S.n_tok;
-        const int* tk = toks + (long)i * B;   // (B) the tokens at position t
-        bool any = false, latent = false;
-        for (int b = 0; b < B; b++) {
-            BD.fires[b] = BD.use_proc && is_boundary(c, t, tk[b]) && t > BD.seg_start[b];
-            any = any || BD.fires[b];
-            latent = latent || (c.latent > 0 && tk[b] == PAUSE);
-        }
-        if (latent && t > chunk) {   // a latent position opens its own chunk (in every sequence)
-            backbone_forward(*BD.M, S, chunk, t);
-            chunk = t;
-        }
-        if (any) {
-            if (t > chunk) backbone_forward(*BD.M, S, chunk, t);
-            batch_fire(BD, t);
-            chunk = t;
-        }
-        copy_ints(S.h_tokens + (long)t * B, tk, B);
-        S.n_tok++;
-    }
-    if (S.n_tok > chunk) backbone_forward(*BD.M, S, chunk, S.n_tok);
-}
-
-// sequence b's logits at the last position fed: (V)
-static const float* batch_logits(const BatchDecoder& BD, int b) {
-    return BD.S.logits + ((long)(BD.S.n_tok - 1) * BD.S.B + b) * BD.M->cfg.V;
-}
-
-// Greedy continuations of up to B_cap prompts at once; out[i] is what generate() writes for
-// prompt i. seq[i] is its tokens: the prompt (PAUSE tokens inserted), then its choices and the
-// pauses after each chosen newline; the first S.n_tok of them are in the cache. Slot b holds
-// prompt id[b]. Each step, a sequence whose tokens are all fed chooses the next one (as generate
-// does), the finished leave the batch, and every position that all the others know goes in at
-// once (the prompts' common length first, then one). logits (tests): every position's logits of
-// prompt i, (positions fed, V), are appended to (*logits)[i].
-static std::vector<std::string> batch_generate(BatchDecoder& BD, const std::vector<std::string>& prompts,
-                                               std::vector<std::vector<float>>* logits = nullptr) {
-    RunState& S = BD.S;
-    int T = S.T, V = BD.M->cfg.V, P = inserted_after_newline(BD.M->cfg), n = (int)prompts.size();
-    std::vector<std::vector<int>> seq(n);
-    std::vector<std::string> out(n);
-    for (int i = 0; i < n; i++) {
-        seq[i] = tokenize(insert_pauses(prompts[i], P), "prompt");
-        if ((int)seq[i].size() > T) BAD_INPUT("the sequence would exceed the model's context of %d tokens", T);
-    }
-    if (logits) logits->assign(n, {});
-    batch_reset(BD, n);
-    std::vector<int> id(n), toks((long)T * n);   // (B) the prompt in each slot; (m,B) one feed's tokens
-    std::vector<char> done(n);                   // (B) finished this step
-    for (int i = 0; i < n; i++) id[i] = i;
-    const int END = char_to_token('$');
-    for (;;) {
-        int B = S.B, t = S.n_tok, m = T - t, left = 0;
-        for (int b = 0; b < B; b++) {
-            std::vector<int>& sq = seq[id[b]];
-            done[b] = 0;
-            if ((int)sq.size() == t) {   // all fed: choose, unless the context is full
-                if (t == T) { done[b] = 1; continue; }
-                int tok = greedy_token(batch_logits(BD, b), V);
-                out[id[b]] += token_to_char(tok);
-                if (tok == END) { done[b] = 1; continue; }   // '$' is never fed
-                sq.push_back(tok);
-                if (tok == NEWLINE && P > 0 && t + 1 + P <= T) sq.insert(sq.end(), P, PAUSE);
-            }
-            m = std::min(m, (int)sq.size() - t);
-            id[left++] = id[b];   // the slots that stay, in order (as batch_compact moves them)
-        }
-        batch_compact(BD, done.data());
-        if (S.B == 0) break;
-        for (int i = 0; i < m; i++)
-            for (int b = 0; b < S.B; b++) toks[(long)i * S.B + b] = seq[id[b]][t + i];
-        batch_feed(BD, toks.data(), m);
-        for (int b = 0; logits && b < S.B; b++)
-            for (int p = t; p < t + m; p++) {
-                const float* z = S.logits + ((long)p * S.B + b) * V;
-                (*logits)[id[b]].insert((*logits)[id[b]].end(), z, z + V);
-            }
-    }
-    return out;
-}
+#include "decode_batched.hpp"
 
 // =============================================================================================
 // Evaluation: greedy decoding from "question\n", compared line by line with the reference.
@@ -2186,7 +1959,6 @@ static void load_model(Model& M, const std::string& path) {
 // =============================================================================================
 // Command line
 // =============================================================================================
-struct FlagSpec { const char* name; const char* def; const char* help; bool boolean = false; };
 static const FlagSpec CORE_FLAGS[] = {
     {"task", "chain", "chain | add | var | mul: the synthetic task"},
     {"data", "", "train or evaluate on a text file of examples separated by blank lines"},
@@ -2228,88 +2000,6 @@ static const FlagSpec CORE_FLAGS[] = {
     {"evict", "0", "H2O-style eviction: at each newline keep this many older cache entries (0: off)"},
     {"device", "cpu", "cpu | cuda: where the ops run (cuda: kernels.cu on the GPU, from make USE_CUDA=1)"},
 };
-
-struct Args {
-    std::string cmd;
-    std::map<std::string, std::string> v;
-    std::set<std::string> given;
-    bool has(const std::string& k) const { return given.count(k) > 0; }
-    std::string str(const std::string& k) const { return v.at(k); }
-    double num(const std::string& k, double lo, double hi) const {
-        char* end;
-        const std::string& s = v.at(k);
-        double x = strtod(s.c_str(), &end);
-        if (s.empty() || *end != 0 || std::isnan(x)) BAD_INPUT("--%s '%s' is not a number (try bt %s --help)", k.c_str(), s.c_str(), cmd.c_str());
-        if (x < lo || x > hi) BAD_INPUT("--%s %s is out of range [%g, %g] (try bt %s --help)", k.c_str(), s.c_str(), lo, hi, cmd.c_str());
-        return x;
-    }
-    int integer(const std::string& k, int lo, int hi) const {
-        double x = num(k, lo, hi);
-        if (x != (int)x) BAD_INPUT("--%s must be a whole number, got %s", k.c_str(), v.at(k).c_str());
-        return (int)x;
-    }
-};
-
-// A command: its name, the flags it accepts (space-separated), one line of help, what runs it.
-// bt.cpp's commands are listed at its end (CORE_COMMANDS); lab/lab.cpp adds experiment, probe and
-// bench with add_commands, so the bt that make builds has all seven.
-struct Command { const char* name; const char* flags; const char* help; void (*run)(const Args&); };
-static std::vector<Command> g_commands;
-static std::vector<FlagSpec> g_flags;
-
-static bool add_commands(const Command* c, int nc, const FlagSpec* f, int nf) {
-    g_commands.insert(g_commands.end(), c, c + nc);
-    g_flags.insert(g_flags.end(), f, f + nf);
-    return true;
-}
-
-static void print_usage(FILE* f) {
-    fprintf(f, "usage: bt <command> [--flag value ...]     (bt <command> --help lists its flags)\n\ncommands:\n");
-    for (auto& c : g_commands) fprintf(f, "  %-11s %s\n", c.name, c.help);
-}
-
-static void print_command_help(const Command& c) {
-    printf("usage: bt %s [--flag value ...]\n%s\n\nflags (default in brackets):\n", c.name, c.help);
-    std::stringstream ss(c.flags);
-    std::string f;
-    while (ss >> f)
-        for (auto& fs : g_flags)
-            if (f == fs.name) printf("  --%-12s %s%s%s%s\n", fs.name, fs.help, fs.def[0] ? " [" : "", fs.def, fs.def[0] ? "]" : "");
-}
-
-// Fills a from argv and returns the command to run, or nullptr when help was printed.
-static const Command* parse_args(Args& a, int argc, char** argv) {
-    if (argc < 2) { print_usage(stderr); throw BtError(2, "no command given"); }
-    a.cmd = argv[1];
-    if (a.cmd == "--help" || a.cmd == "-h" || a.cmd == "help") { print_usage(stdout); return nullptr; }
-    const Command* cmd = nullptr;
-    std::string names;
-    for (auto& c : g_commands) {
-        if (a.cmd == c.name) cmd = &c;
-        names += (names.empty() ? "" : ", ") + std::string(c.name);
-    }
-    if (!cmd) BAD_INPUT("unknown command '%s' (commands: %s; try bt --help)", a.cmd.c_str(), names.c_str());
-    std::set<std::string> allowed;
-    std::stringstream ss(cmd->flags);
-    std::string f;
-    while (ss >> f) allowed.insert(f);
-    for (auto& fs : g_flags) a.v[fs.name] = fs.def;
-    for (int i = 2; i < argc; i++) {
-        std::string s = argv[i];
-        if (s == "--help" || s == "-h") { print_command_help(*cmd); return nullptr; }
-        if (s.rfind("--", 0) != 0) BAD_INPUT("unexpected argument '%s' (flags look like --name value)", s.c_str());
-        std::string name = s.substr(2);
-        if (!allowed.count(name))
-            BAD_INPUT("bt %s has no option --%s (try bt %s --help)", a.cmd.c_str(), name.c_str(), a.cmd.c_str());
-        bool boolean = false;
-        for (auto& fs : g_flags) boolean |= name == fs.name && fs.boolean;
-        if (boolean) { a.v[name] = "1"; a.given.insert(name); continue; }
-        if (i + 1 >= argc) BAD_INPUT("--%s needs a value (try bt %s --help)", name.c_str(), a.cmd.c_str());
-        a.v[name] = argv[++i];
-        a.given.insert(name);
-    }
-    return cmd;
-}
 
 // the GPU's name (the emulation in tests/cuda_on_cpu.hpp names itself)
 [[maybe_unused]] static std::string device_name() {
