@@ -9,8 +9,12 @@
 //       pause P (the backbone fine-tuned with P PAUSE after newlines), pause-frozen (only PAUSE's row),
 //       latent P (fine-tuned with P latent positions after newlines, fed the model's own state).
 //   v1 (end to end from scratch, --steps each): vanilla, bt joint, bt joint periodic:16,
-//       vanilla-large (about the parameters of backbone + processor), and evict B (H2O at decoding
-//       on the v1 vanilla model; no training).
+//       vanilla-large (about the parameters of backbone + processor), vanilla-flops (vanilla for as
+//       many training FLOPs as bt joint periodic:16), vanilla-4x (3.5-4x the backbone's parameters,
+//       the paper's v1 comparison), and evict B (H2O at decoding on the v1 vanilla model).
+// Every training run is evaluated at CURVE_POINTS evenly spaced steps (its learning curve, on the
+// evaluation sets every arm and seed shares); the last point is its final result. lab/claims.cpp
+// tests the claims on the final point and on the area under the curve.
 // =============================================================================================
 struct ArmSpec {
     const char* regime;   // "v4" or "v1"
@@ -33,16 +37,23 @@ static const ArmSpec ARMS[] = {
     {"v1", "bt-joint", "--model bt --joint", 0},
     {"v1", "bt-joint-periodic16", "--model bt --joint --schedule periodic:16", 0},
     {"v1", "vanilla-large", "--model vanilla --d-model LARGE", 0},
+    {"v1", "vanilla-flops", "--model vanilla", 0},           // steps: the training FLOPs of bt-joint-periodic16
+    {"v1", "vanilla-4x", "--model vanilla --d-model WIDE", 0},
     {"v1", "evict4", "", 4},
     {"v1", "evict8", "", 8},
     {"v1", "evict16", "", 16},
 };
+
+static const int CURVE_POINTS = 6;
 
 struct RunResult {   // one arm, one seed
     std::string regime, arm;
     int seed = 0, steps = 0;
     long params = 0;
     double seconds = 0, flops = 0;        // training time; forward FLOPs per token
+    double step_flops = 0;                // training FLOPs per step (3 x forward, over a batch)
+    std::vector<int> curve_step;          // the learning curve: steps where it was evaluated, and
+    std::vector<double> curve_id, curve_ood;   //   the ID and OOD answer accuracy there
     std::vector<float> loss;              // per step
     std::vector<int> sizes;
     std::vector<double> answer, lines, first_wrong;   // per size
@@ -54,7 +65,7 @@ struct Experiment {
     std::string dir;                      // results/<task>
     std::vector<std::string> common;      // flags every training run shares (task, batch)
     std::vector<std::string> size;        // the model size (runs that start from --init take it from there)
-    int stage1, stage2, steps, n_eval, large_width;
+    int stage1, stage2, steps, n_eval, large_width, wide_width, flops_steps, batch;
     std::vector<std::string> arms;        // which arms (names), empty: all
 };
 
@@ -93,6 +104,19 @@ static double model_flops(const Model& M, const std::string& text) {
     return total / T;
 }
 
+// training FLOPs of one step of M on a batch of B examples: 3 x the forward FLOPs of 64 training
+// examples (sizes and texts from a fixed Rng, the same for every arm), scaled to B
+static double step_flops(const Model& M, Task task, int B) {
+    Rng g(7);
+    const TaskInfo& ti = TASKS[task];
+    double sum = 0;
+    for (int i = 0; i < 64; i++) {
+        std::string ex = gen_example(task, g, g.randint(ti.train_lo, ti.train_hi), false);
+        sum += model_flops(M, ex) * (double)(insert_pauses(ex, inserted_after_newline(M.cfg)).size() + 1);
+    }
+    return 3.0 * sum / 64 * B;
+}
+
 static std::string run_name(const std::string& regime, const std::string& arm, int seed) {
     std::string a = arm;
     for (auto& ch : a) if (ch == '+') ch = 'p';
@@ -111,7 +135,9 @@ static std::string run_json(const RunResult& r) {
                 r.ood_answer, r.ood_lines, r.ood_first_wrong) +
            "\"sizes\":" + arr(r.sizes, "%.0f") + ",\"answer\":" + arr(r.answer, "%.4f") + ",\"lines\":" +
            arr(r.lines, "%.4f") + ",\"first_wrong\":" + arr(r.first_wrong, "%.3f") + ",\"loss\":" +
-           arr(r.loss, "%.5f") + "}\n";
+           arr(r.loss, "%.5f") + strf(",\"step_flops\":%.0f", r.step_flops) + ",\"curve_step\":" +
+           arr(r.curve_step, "%.0f") + ",\"curve_id\":" + arr(r.curve_id, "%.4f") + ",\"curve_ood\":" +
+           arr(r.curve_ood, "%.4f") + "}\n";
 }
 
 static bool read_run_json(const std::string& path, RunResult* r) {
@@ -142,7 +168,38 @@ static bool read_run_json(const std::string& path, RunResult* r) {
     r->ood_first_wrong = num("ood_first_wrong");
     arr("sizes", r->sizes); arr("answer", r->answer); arr("lines", r->lines); arr("first_wrong", r->first_wrong);
     arr("loss", r->loss);
+    r->step_flops = num("step_flops");
+    arr("curve_step", r->curve_step); arr("curve_id", r->curve_id); arr("curve_ood", r->curve_ood);
     return true;
+}
+
+// a half-trained run's learning curve so far
+static std::string curve_json(const RunResult& r) {
+    auto arr = [](const auto& v) {
+        std::string s = "[";
+        for (size_t i = 0; i < v.size(); i++) s += (i ? "," : "") + strf("%.6g", (double)v[i]);
+        return s + "]";
+    };
+    return "{\"curve_step\":" + arr(r.curve_step) + ",\"curve_id\":" + arr(r.curve_id) + ",\"curve_ood\":" +
+           arr(r.curve_ood) + "}\n";
+}
+static bool read_curve_json(const std::string& path, RunResult* r) {
+    std::ifstream f(path);
+    if (!f) return false;
+    std::string s((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    JsonParser jp{s, 0, path};
+    Json j = jp.value(0);
+    for (auto [key, out] : {std::make_pair("curve_id", &r->curve_id), std::make_pair("curve_ood", &r->curve_ood)}) {
+        const Json* v = j.get(key);
+        if (!v || v->kind != Json::ARR) return false;
+        out->clear();
+        for (auto& x : v->arr) out->push_back(x.num);
+    }
+    const Json* v = j.get("curve_step");
+    if (!v || v->kind != Json::ARR) return false;
+    r->curve_step.clear();
+    for (auto& x : v->arr) r->curve_step.push_back((int)x.num);
+    return r->curve_step.size() == r->curve_id.size() && r->curve_id.size() == r->curve_ood.size();
 }
 
 // every size from the task's smallest training size to its largest OOD size, n examples each
@@ -195,7 +252,7 @@ static RunResult experiment_run(const Experiment& ex, const std::string& regime,
         load_model(M, evict_ckpt);
     } else {
         std::vector<std::string> all = {"--seed", std::to_string(seed), "--steps", std::to_string(steps), "--out",
-                                        base + ".safetensors", "--log-every", "1000000", "--save-every", "100"};
+                                        base + ".safetensors", "--log-every", "1000000", "--save-every", "0"};
         all.insert(all.end(), ex.common.begin(), ex.common.end());
         all.insert(all.end(), flags.begin(), flags.end());
         if (!init.empty()) all.insert(all.end(), {"--init", init, "--lr", "0.001"});
@@ -207,36 +264,52 @@ static RunResult experiment_run(const Experiment& ex, const std::string& regime,
         R.quiet = true;
         train_setup(R, train_args_from(all));
         if (resume) printf("  %-22s seed %d: resuming at step %d\n", arm.c_str(), seed, R.step);
-        double t0 = now_seconds();
-        int chunk = std::max(1, steps / 10);
-        while (R.step < steps) {
-            train_steps(R, std::min(steps, R.step + chunk));
-            double el = now_seconds() - t0;
+        // the learning curve: train to each point, save (a resume starts from the last point),
+        // evaluate; the points so far are kept beside the checkpoint in <run>.curve.json
+        std::string curve_path = base + ".curve.json";
+        RunResult c;
+        if (resume && read_curve_json(curve_path, &c)) { r.curve_step = c.curve_step; r.curve_id = c.curve_id; r.curve_ood = c.curve_ood; }
+        double t0 = now_seconds(), trained = 0;
+        for (int k = 1; k <= CURVE_POINTS; k++) {
+            int at = (int)((long)steps * k / CURVE_POINTS);
+            if (at < R.step || (at == R.step && !r.curve_step.empty() && r.curve_step.back() == at)) continue;
+            double t1 = now_seconds();
+            train_steps(R, at);
+            trained += now_seconds() - t1;
             printf("\r  %-22s seed %d: step %5d/%d  loss %.4f  %s", arm.c_str(), seed, R.step, steps,
-                   R.losses.back(), fmt_time(el).c_str());
+                   R.losses.empty() ? 0.0f : R.losses.back(), fmt_time(now_seconds() - t0).c_str());
             fflush(stdout);
+            save_run(R);
+            RunResult e;
+            evaluate_run(e, R.M, ex.task, ex.n_eval, 0);
+            r.curve_step.push_back(at); r.curve_id.push_back(e.id_answer); r.curve_ood.push_back(e.ood_answer);
+            write_file(curve_path, curve_json(r));
+            if (at == steps) {   // the final point is the run's result
+                r.sizes = e.sizes; r.answer = e.answer; r.lines = e.lines; r.first_wrong = e.first_wrong;
+                r.id_answer = e.id_answer; r.ood_answer = e.ood_answer; r.ood_lines = e.ood_lines;
+                r.ood_first_wrong = e.ood_first_wrong;
+            }
         }
-        save_run(R);
-        r.seconds = now_seconds() - t0;
+        r.seconds = trained;   // training only, not the curve's evaluations (after a resume: this session's)
         r.loss = R.losses;
         M = R.M;
     }
     r.params = M.n_params;
     r.flops = model_flops(M, [&] { Rng g(3); return gen_example(ex.task, g, TASKS[ex.task].train_hi, true); }());
-    evaluate_run(r, M, ex.task, ex.n_eval, evict);
+    r.step_flops = step_flops(M, ex.task, ex.batch);
+    if (evict > 0) {   // no training: the final evaluation is the whole curve
+        evaluate_run(r, M, ex.task, ex.n_eval, evict);
+        r.curve_step = {steps}; r.curve_id = {r.id_answer}; r.curve_ood = {r.ood_answer};
+    }
     printf("\r  %-22s seed %d: %s, ID %.3f, OOD %.3f (all lines %.3f)                 \n", arm.c_str(), seed,
            evict ? "no training" : fmt_time(r.seconds).c_str(), r.id_answer, r.ood_answer, r.ood_lines);
     write_file(base + ".json", run_json(r));
     remove(state_path(base + ".safetensors").c_str());   // finished: the JSON and the checkpoint are what stays
+    remove((base + ".curve.json").c_str());
     return r;
 }
 
 // ---- tables over seeds
-static double mean_of(const std::vector<double>& v) {
-    double s = 0;
-    for (double x : v) s += x;
-    return v.empty() ? 0 : s / v.size();
-}
 static double sd_of(const std::vector<double>& v) {   // sample standard deviation (n - 1)
     if (v.size() < 2) return 0;
     double m = mean_of(v), s = 0;
@@ -285,6 +358,141 @@ static void plot_reconsolidation(const Model& M, Task task, const std::string& t
         }
     }
     write_file(path, s + "</svg>\n");
+}
+
+// ---- learning curves and the claims
+enum Metric { FINAL_ID, FINAL_OOD, AREA_ID, AREA_OOD, N_METRICS };
+static const char* METRIC_NAMES[N_METRICS] = {"final ID answer", "final OOD answer", "area under the ID curve",
+                                             "area under the OOD curve"};
+
+// the mean of y over [x_first, x_last] by the trapezoid rule (one point: that point), so a run
+// that learns early scores higher than one that gets there at the end
+static double curve_area(const std::vector<int>& x, const std::vector<double>& y) {
+    if (x.size() < 2) return y.empty() ? 0.0 : y[0];
+    double a = 0;
+    for (size_t i = 1; i < x.size(); i++) a += 0.5 * (y[i] + y[i - 1]) * (x[i] - x[i - 1]);
+    return a / (x.back() - x.front());
+}
+static double metric_of(const RunResult& r, int m) {
+    switch (m) {
+        case FINAL_ID: return r.id_answer;
+        case FINAL_OOD: return r.ood_answer;
+        case AREA_ID: return curve_area(r.curve_step, r.curve_id);
+        default: return curve_area(r.curve_step, r.curve_ood);
+    }
+}
+
+// the first x where the piecewise-linear curve (x, y) reaches `level`, or NAN
+static double reach(const std::vector<double>& x, const std::vector<double>& y, double level) {
+    for (size_t i = 0; i < x.size(); i++)
+        if (y[i] >= level) {
+            if (i == 0) return x[0];
+            return x[i - 1] + (x[i] - x[i - 1]) * (level - y[i - 1]) / (y[i] - y[i - 1]);
+        }
+    return NAN;
+}
+
+static const RunResult* find_run(const std::vector<RunResult>& all, const std::string& regime, const std::string& arm,
+                                 int seed) {
+    for (auto& r : all)
+        if (r.regime == regime && r.arm == arm && r.seed == seed) return &r;
+    return nullptr;
+}
+
+// The claims table, per metric: every claim whose arms ran, seed by seed (results.md leads with it)
+static std::string claims_report(const std::vector<RunResult>& all, int seeds) {
+    // best-pause: the pause arm with the best mean final ID answer over the seeds
+    std::string best_pause;
+    double best = -1;
+    for (const char* arm : {"pause1", "pause4", "pause16"}) {
+        std::vector<double> v;
+        for (int s = 1; s <= seeds; s++)
+            if (const RunResult* r = find_run(all, "v4", arm, s)) v.push_back(r->id_answer);
+        if (!v.empty() && mean_of(v) > best) { best = mean_of(v); best_pause = arm; }
+    }
+    auto baseline_of = [&](const Claim& c) { return std::string(strcmp(c.baseline, "best-pause") ? c.baseline : best_pause); };
+    std::string md = "\n## The claims, tested\n\nFixed before the runs (lab/claims.cpp). Per claim: each seed's Δ = arm - "
+                     "baseline on the same evaluation problems, the mean Δ with a seeded bootstrap 95% interval (10,000 "
+                     "resamples), an exact two-sided sign test, and its Holm adjustment over the claims of that table. "
+                     "Verdict: supported or contradicted when the adjusted p < 0.05 (by the sign of the mean), else not "
+                     "resolved. Areas are the mean accuracy over each run's learning curve (trapezoid over its " +
+                     std::to_string(CURVE_POINTS) + " points). `best pause` is " +
+                     (best_pause.empty() ? std::string("(no pause arm ran)") : "`" + best_pause + "`") +
+                     ", the pause arm with the best mean final ID answer.\n";
+    for (int m = 0; m < N_METRICS; m++) {
+        std::vector<ClaimTest> tests = test_claims([&](const std::string& regime, const std::string& arm, int seed, double* v) {
+            const RunResult* r = find_run(all, regime, arm, seed);
+            if (r) *v = metric_of(*r, m);
+            return r != nullptr;
+        }, baseline_of, seeds, 1000 + 100 * m);
+        if (tests.empty()) continue;
+        md += strf("\n### %s\n\n| claim | arm | baseline | seeds | Δ per seed | mean Δ [95%% CI] | sign test p | Holm p | "
+                   "verdict |\n|---|---|---|---|---|---|---|---|---|\n", METRIC_NAMES[m]);
+        for (auto& t : tests) {
+            std::string per;
+            for (size_t i = 0; i < t.delta.size(); i++) per += strf("%s%+.2f", i ? " " : "", t.delta[i]);
+            md += strf("| %s | %s | %s | %zu | %s | %+.3f [%+.3f, %+.3f] | %.4f | %.4f | **%s** |\n", CLAIMS[t.claim].says,
+                       CLAIMS[t.claim].arm, t.baseline.c_str(), t.delta.size(), per.c_str(), t.mean, t.lo, t.hi, t.p,
+                       t.p_holm, t.verdict);
+        }
+    }
+    return md;
+}
+
+// The learning curves of one regime: ID answer accuracy against steps and against training FLOPs
+// (the mean over seeds and a bootstrap 95% band), the areas, and the steps and FLOPs each arm
+// needs to reach 50% and 90% in distribution (on the mean curve)
+static std::string curves_report(const Experiment& ex, const std::string& regime, const std::vector<RunResult>& all,
+                                 const std::vector<std::string>& arms) {
+    std::string md = "\n| arm | seeds | area ID | area OOD | steps to 50% ID | steps to 90% ID | TFLOP to 50% ID | "
+                     "TFLOP to 90% ID |\n|---|---|---|---|---|---|---|---|\n";
+    struct Line { std::vector<double> x, f, m, lo, hi; };
+    std::vector<Line> lines(arms.size());
+    double max_step = 1, max_flops = 1e-9;
+    for (size_t ai = 0; ai < arms.size(); ai++) {
+        std::vector<const RunResult*> runs;
+        for (auto& r : all)
+            if (r.regime == regime && r.arm == arms[ai] && !r.curve_step.empty()) runs.push_back(&r);
+        if (runs.empty()) continue;
+        std::vector<double> aid, aood;
+        for (auto* r : runs) { aid.push_back(metric_of(*r, AREA_ID)); aood.push_back(metric_of(*r, AREA_OOD)); }
+        Line& L = lines[ai];
+        const RunResult* r0 = runs[0];
+        for (size_t k = 0; k < r0->curve_step.size(); k++) {
+            std::vector<double> v;
+            for (auto* r : runs)
+                if (k < r->curve_id.size()) v.push_back(r->curve_id[k]);
+            double lo, hi;
+            bootstrap_ci(v, 2000, 7 + k, &lo, &hi);
+            L.x.push_back(r0->curve_step[k]);
+            L.f.push_back(r0->curve_step[k] * r0->step_flops / 1e15);
+            L.m.push_back(mean_of(v)); L.lo.push_back(lo); L.hi.push_back(hi);
+        }
+        max_step = std::max(max_step, L.x.back());
+        max_flops = std::max(max_flops, L.f.back());
+        auto fmt = [](double x, const char* f) { return std::isnan(x) ? std::string("not reached") : strf(f, x); };
+        md += strf("| %s | %zu | %s | %s | %s | %s | %s | %s |\n", arms[ai].c_str(), runs.size(), pm(aid).c_str(),
+                   pm(aood).c_str(), fmt(reach(L.x, L.m, 0.5), "%.0f").c_str(), fmt(reach(L.x, L.m, 0.9), "%.0f").c_str(),
+                   fmt(reach(L.f, L.m, 0.5) * 1e3, "%.2f").c_str(), fmt(reach(L.f, L.m, 0.9) * 1e3, "%.2f").c_str());
+    }
+    Plot by_step = plot_begin(strf("%s, %s: ID answer accuracy during training (mean, 95%% band)", TASKS[ex.task].name,
+                              regime.c_str()), "step", "ID answer accuracy", 0, max_step, 0, 1);
+    Plot by_flops = plot_begin(strf("%s, %s: ID answer accuracy against training FLOPs", TASKS[ex.task].name, regime.c_str()),
+                          "training PFLOP", "ID answer accuracy", 0, max_flops, 0, 1);
+    for (size_t ai = 0; ai < arms.size(); ai++) {
+        const Line& L = lines[ai];
+        if (L.x.empty()) continue;
+        plot_band(by_step, L.x, L.lo, L.hi, (int)ai);
+        plot_series(by_step, L.x, L.m, (int)ai, arms[ai], true);
+        plot_band(by_flops, L.f, L.lo, L.hi, (int)ai);
+        plot_series(by_flops, L.f, L.m, (int)ai, arms[ai], true);
+    }
+    plot_end(by_step, ex.dir + "/curve_" + regime + ".svg");
+    plot_end(by_flops, ex.dir + "/curve_flops_" + regime + ".svg");
+    return "\nLearning curves (" + std::to_string(CURVE_POINTS) + " points per run; areas: mean ± sd over seeds; steps "
+           "and FLOPs to a level: on the mean curve" + (regime == "v4" ? std::string(", from the shared backbone on") : "") +
+           "):\n" + md + strf("\n![ID accuracy during training](curve_%s.svg) ![ID accuracy against FLOPs](curve_flops_%s.svg)\n",
+                              regime.c_str(), regime.c_str());
 }
 
 // results.md and the plots of one regime
@@ -380,21 +588,44 @@ static std::string regime_report(const Experiment& ex, const std::string& regime
     plot_end(acc, ex.dir + "/accuracy_" + regime + ".svg");
     plot_end(loss, ex.dir + "/loss_" + regime + ".svg");
     md += strf("\n![accuracy by size](accuracy_%s.svg) ![loss](loss_%s.svg)\n", regime.c_str(), regime.c_str());
-    return md;
+    return md + curves_report(ex, regime, all, arms);
 }
 
-// the width of vanilla-large: the smallest d_model (a multiple of 2 x heads) whose vanilla model
-// has at least as many parameters as backbone + processor
-static int large_width(const Config& base) {
+// the config of the bt arms: the backbone plus bt train's default processor
+static Config bt_config(const Config& base, int periodic) {
     Config bt = base;
     bt.proc_width = base.C / 2; bt.proc_layers = 1; bt.proc_heads = 4; bt.proc_ffn = 3 * bt.proc_width;
+    bt.periodic = periodic;
+    return bt;
+}
+
+// the smallest d_model (a multiple of 2 x heads) whose vanilla model has at least `want` parameters
+static int width_for_params(const Config& base, double want) {
     Weights w;
-    long want = layout_params(bt, &w, nullptr, nullptr);
     for (int C = base.C;; C += 2 * base.NH) {
         Config v = base;
         v.C = C; v.F = 3 * C;
         if (layout_params(v, &w, nullptr, nullptr) >= want) return C;
     }
+}
+
+// vanilla-large: as many parameters as backbone + processor; vanilla-4x: 3.5x the backbone's
+static int large_width(const Config& base) {
+    Weights w;
+    return width_for_params(base, (double)layout_params(bt_config(base, 0), &w, nullptr, nullptr));
+}
+static int wide_width(const Config& base) {
+    Weights w;
+    return width_for_params(base, 3.5 * layout_params(base, &w, nullptr, nullptr));
+}
+
+// vanilla-flops: the steps at which vanilla has used the training FLOPs of `steps` steps of bt
+// joint periodic:16
+static int flops_matched_steps(const Config& base, Task task, int B, int steps) {
+    Model v, p;
+    model_build(v, base);
+    model_build(p, bt_config(base, 16));
+    return (int)std::lround(steps * step_flops(p, task, B) / step_flops(v, task, B));
 }
 
 static void cmd_experiment(const Args& a) {
@@ -413,9 +644,11 @@ static void cmd_experiment(const Args& a) {
     base.F = 3 * base.C;
     validate_config(base);
     ex.large_width = large_width(base);
+    ex.wide_width = wide_width(base);
+    ex.batch = a.integer("batch", 1, 100000);
+    ex.flops_steps = flops_matched_steps(base, ex.task, ex.batch, ex.steps);
     ex.common = {"--task", TASKS[ex.task].name, "--batch", a.str("batch")};
     ex.size = {"--d-model", std::to_string(base.C), "--layers", std::to_string(base.L), "--heads", std::to_string(base.NH)};
-    a.integer("batch", 1, 100000);
     std::set<std::string> only;
     if (a.has("arms")) {
         std::stringstream ss(a.str("arms"));
@@ -430,18 +663,20 @@ static void cmd_experiment(const Args& a) {
     std::filesystem::create_directories(ex.dir + "/runs");
     bool v4 = regime != "v1", v1 = regime != "v4";
     printf("bt experiment | %s | %s | regime %s | seeds %d\n", TASKS[ex.task].name, build_flags().c_str(), regime.c_str(), seeds);
-    printf("  model d_model %d, layers %d, heads %d, batch %s (vanilla-large: d_model %d); v4: stage 1 %d steps, "
-           "stage 2 %d; v1: %d steps; eval %d per size\n", base.C, base.L, base.NH, a.str("batch").c_str(),
-           ex.large_width, ex.stage1, ex.stage2, ex.steps, ex.n_eval);
+    printf("  model d_model %d, layers %d, heads %d, batch %s (vanilla-large: d_model %d, vanilla-4x: d_model %d, "
+           "vanilla-flops: %d steps); v4: stage 1 %d steps, stage 2 %d; v1: %d steps; eval %d per size at %d points\n",
+           base.C, base.L, base.NH, a.str("batch").c_str(), ex.large_width, ex.wide_width, ex.flops_steps, ex.stage1,
+           ex.stage2, ex.steps, ex.n_eval, CURVE_POINTS);
     // the plan: every run in order, with a rough cost (vanilla steps) for the ETA
     struct Job { std::string regime, arm, init, evict_ckpt; std::vector<std::string> flags; int steps, seed, evict; double cost; };
     std::vector<Job> jobs;
-    auto cost_of = [](const std::string& flags, int steps) {
+    auto cost_of = [&](const std::string& flags, int steps) {
         double f = flags.find("--model bt") != std::string::npos ? 2.5 : 1.0;
         size_t p = flags.find("--pause "), q = flags.find("--latent ");
         if (p != std::string::npos) f += atoi(flags.c_str() + p + 8) / 8.0;   // P tokens after every ~8-token line
         if (q != std::string::npos) f += atoi(flags.c_str() + q + 9) / 4.0;   // the same, one position at a time
-        if (flags.find("--d-model") != std::string::npos) f = 1.5;
+        size_t w = flags.find("--d-model ");
+        if (w != std::string::npos) f = pow(atof(flags.c_str() + w + 10) / base.C, 2);   // a wider vanilla model
         return f * steps + 30;                                                // + evaluation
     };
     for (int seed = 1; seed <= seeds; seed++) {
@@ -454,7 +689,9 @@ static void cmd_experiment(const Args& a) {
             if ((r == "v4" && !v4) || (r == "v1" && !v1) || !(only.empty() || only.count(name) || control)) continue;
             size_t at = flags.find("LARGE");
             if (at != std::string::npos) flags.replace(at, 5, std::to_string(ex.large_width));
-            int steps = r == "v4" ? ex.stage2 : ex.steps;
+            at = flags.find("WIDE");
+            if (at != std::string::npos) flags.replace(at, 4, std::to_string(ex.wide_width));
+            int steps = r == "v4" ? ex.stage2 : name == "vanilla-flops" ? ex.flops_steps : ex.steps;
             jobs.push_back({r, name, r == "v4" ? init : "", vanilla, split_words(flags), steps, seed, arm.evict,
                             arm.evict ? 30.0 : cost_of(flags, steps)});
         }
@@ -488,6 +725,7 @@ static void cmd_experiment(const Args& a) {
                           a.has("arms") ? (" --arms " + a.str("arms")).c_str() : "", build_flags().c_str(),
                           fmt_time(train_seconds).c_str(), TASKS[ex.task].train_lo, TASKS[ex.task].train_hi,
                           TASKS[ex.task].ood_lo, TASKS[ex.task].ood_hi, ex.n_eval);
+    md += claims_report(all, seeds);   // the answer first
     // the numbers that led to the budgets: written by hand (pilot runs) in calibration.md beside results.md
     std::ifstream cal(ex.dir + "/calibration.md");
     if (cal.good()) {

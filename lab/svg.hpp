@@ -50,3 +50,14 @@ static void plot_series(Plot& p, const std::vector<double>& xs, const std::vecto
 }
 
 static void plot_end(Plot& p, const std::string& path) { write_file(path, p.svg + "</svg>\n"); }
+
+// a shaded band between lo and hi (a 95% interval around a line drawn with plot_series, colour i)
+static void plot_band(Plot& p, const std::vector<double>& xs, const std::vector<double>& lo,
+                      const std::vector<double>& hi, int i) {
+    std::string pts;
+    auto clamp = [&](double y) { return std::min(p.y1, std::max(p.y0, y)); };
+    for (size_t j = 0; j < xs.size(); j++) pts += strf("%.1f,%.1f ", p.px(xs[j]), p.py(clamp(hi[j])));
+    for (size_t j = xs.size(); j-- > 0;) pts += strf("%.1f,%.1f ", p.px(xs[j]), p.py(clamp(lo[j])));
+    p.svg += strf("<polygon points=\"%s\" fill=\"%s\" fill-opacity=\"0.15\" stroke=\"none\"/>\n", pts.c_str(),
+                  PALETTE[i % 12]);
+}

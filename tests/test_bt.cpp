@@ -1717,3 +1717,99 @@ TEST_CASE("latent: a run stopped midway and resumed ends bitwise equal; the flag
     CHECK(error_code([&] { Config c = tiny_latent_config(2); c.pause = 1; validate_config(c); }) == 2);
     CHECK(error_code([&] { Config c = tiny_config(true); c.latent = 1; validate_config(c); }) == 2);
 }
+
+// =============================================================================================
+// The experiment's statistics (lab/claims.cpp) and learning-curve summaries (lab/experiment.cpp)
+// =============================================================================================
+TEST_CASE("statistics: the sign test, Holm and the bootstrap against independent computations") {
+    // P[Bin(n, 1/2) <= k] against a sum of lgamma-based terms
+    for (int n : {1, 2, 7, 10, 31})
+        for (int k = 0; k <= n; k++) {
+            double want = 0;
+            for (int i = 0; i <= k; i++) want += exp(lgamma(n + 1.0) - lgamma(i + 1.0) - lgamma(n - i + 1.0) - n * log(2.0));
+            CHECK(fabs(binomial_half_cdf(n, k) - std::min(1.0, want)) < 1e-12);
+        }
+    // ten seeds that agree: p = 2 / 2^10; nine of ten: 2 * 11 / 2^10; ties are dropped
+    CHECK(sign_test_p(std::vector<double>(10, 0.1)) == 2.0 / 1024);
+    std::vector<double> nine(9, 0.2);
+    nine.push_back(-0.1);
+    CHECK(fabs(sign_test_p(nine) - 22.0 / 1024) < 1e-15);
+    nine.push_back(0.0);
+    CHECK(fabs(sign_test_p(nine) - 22.0 / 1024) < 1e-15);
+    CHECK(sign_test_p({0.0, 0.0}) == 1.0);
+    // Holm: which hypotheses it rejects at level a equals the step-down procedure written out
+    // (reject the smallest p while p_(j) <= a / (m - j)), for random p-values and levels
+    Rng r(5);
+    for (int trial = 0; trial < 200; trial++) {
+        int m = 1 + (int)(r.next() % 9);
+        std::vector<double> p(m);
+        for (double& x : p) x = r.uniform() * r.uniform() * 0.2;
+        std::vector<double> adj = holm_adjust(p);
+        for (double a : {0.01, 0.05, 0.1}) {
+            std::vector<int> order(m);
+            for (int i = 0; i < m; i++) order[i] = i;
+            std::sort(order.begin(), order.end(), [&](int x, int y) { return p[x] < p[y]; });
+            std::vector<char> reject(m, 0);
+            for (int j = 0; j < m && p[order[j]] <= a / (m - j); j++) reject[order[j]] = 1;
+            for (int i = 0; i < m; i++) CHECK((adj[i] <= a) == (bool)reject[i]);
+        }
+    }
+    // the bootstrap of {0, 1, 2}: 27 equally likely resamples, P[mean = 0] = P[mean = 2] = 1/27 >
+    // 2.5%, so the 95% interval is [0, 2]; a constant sample has a zero-width interval; the same
+    // seed gives the same interval
+    double lo, hi, lo2, hi2;
+    bootstrap_ci({0, 1, 2}, 10000, 3, &lo, &hi);
+    CHECK(lo == 0.0);
+    CHECK(hi == 2.0);
+    bootstrap_ci({0.25, 0.25, 0.25}, 10000, 3, &lo, &hi);
+    CHECK(lo == 0.25);
+    CHECK(hi == 0.25);
+    std::vector<double> d = {0.1, -0.3, 0.2, 0.05, 0.4, -0.1, 0.0, 0.3};
+    bootstrap_ci(d, 10000, 9, &lo, &hi);
+    bootstrap_ci(d, 10000, 9, &lo2, &hi2);
+    CHECK(lo == lo2);
+    CHECK(hi == hi2);
+    double m = 0;
+    for (double x : d) m += x / d.size();
+    // against the normal approximation of the mean's sampling spread (sd/sqrt(n), population sd as
+    // the bootstrap uses): the percentile interval lies within 30% of mean +- 1.96 se
+    double v = 0;
+    for (double x : d) v += (x - m) * (x - m) / d.size();
+    double se = sqrt(v / d.size());
+    printf("  bootstrap of 8 deltas: [%.3f, %.3f], normal approximation [%.3f, %.3f]\n", lo, hi, m - 1.96 * se, m + 1.96 * se);
+    CHECK(lo < m);
+    CHECK(hi > m);
+    CHECK(fabs((hi - lo) / (2 * 1.96 * se) - 1) < 0.3);
+}
+
+TEST_CASE("learning curves: the area is the trapezoid mean; reach interpolates; a claim reads paired seeds") {
+    CHECK(curve_area({100, 200, 300}, {0.0, 0.5, 1.0}) == doctest::Approx(0.5));
+    CHECK(curve_area({100, 200, 400}, {0.2, 0.2, 0.8}) == doctest::Approx((0.2 * 100 + 0.5 * 200) / 300.0));
+    CHECK(curve_area({7}, {0.3}) == 0.3);
+    CHECK(reach({100, 200, 300}, {0.2, 0.6, 1.0}, 0.5) == doctest::Approx(175));
+    CHECK(reach({100, 200}, {0.6, 0.9}, 0.5) == 100);
+    CHECK(std::isnan(reach({100, 200}, {0.1, 0.4}, 0.5)));
+    // a claim on runs made up here: bt beats vanilla+extra by +0.1 in seeds 1..10 except seed 4
+    std::vector<RunResult> all;
+    for (int s = 1; s <= 10; s++)
+        for (const char* arm : {"bt", "vanilla+extra", "pause1"}) {
+            RunResult r;
+            r.regime = "v4"; r.arm = arm; r.seed = s;
+            r.id_answer = 0.5 + (!strcmp(arm, "bt") ? (s == 4 ? -0.05 : 0.1) : 0.0) + 0.01 * s;
+            r.curve_step = {10, 20}; r.curve_id = {0.0, r.id_answer}; r.curve_ood = {0, 0};
+            all.push_back(r);
+        }
+    std::vector<ClaimTest> t = test_claims([&](const std::string& regime, const std::string& arm, int seed, double* v) {
+        const RunResult* r = find_run(all, regime, arm, seed);
+        if (r) *v = r->id_answer;
+        return r != nullptr;
+    }, [](const Claim& c) { return std::string(strcmp(c.baseline, "best-pause") ? c.baseline : "pause1"); }, 10, 1);
+    REQUIRE(t.size() == 2);   // the v1 claims have no runs
+    CHECK(t[0].delta.size() == 10);
+    CHECK(t[0].mean == doctest::Approx(0.085));
+    CHECK(t[0].p == doctest::Approx(22.0 / 1024));   // 9 of 10
+    CHECK(t[0].p_holm == doctest::Approx(2 * 22.0 / 1024));
+    CHECK(std::string(t[0].verdict) == "supported");
+    printf("  made-up claim: mean %+.3f [%+.3f, %+.3f], p %.4f, Holm %.4f: %s\n", t[0].mean, t[0].lo, t[0].hi, t[0].p,
+           t[0].p_holm, t[0].verdict);
+}
