@@ -334,7 +334,7 @@ static std::string regime_report(const Experiment& ex, const std::string& regime
     md += "\n";
     Plot acc = plot_begin(strf("%s, %s: answer accuracy by problem size (training sizes shaded)", TASKS[ex.task].name,
                                regime.c_str()), "problem size", "answer accuracy", first->sizes.front(),
-                          first->sizes.back(), 0, 1);
+                          first->sizes.back(), 0, 1, true);
     acc.svg += strf("<rect x=\"%.1f\" y=\"%.0f\" width=\"%.1f\" height=\"%.0f\" fill=\"#000\" fill-opacity=\"0.07\"/>\n",
                     acc.px(ti.train_lo), acc.T, acc.px(ti.train_hi) - acc.px(ti.train_lo), acc.H - acc.T - acc.B);
     double max_steps = 1;
@@ -371,7 +371,7 @@ static std::string regime_report(const Experiment& ex, const std::string& regime
         loss_x[ai] = lx; loss_y[ai] = ly;
     }
     Plot loss = plot_begin(strf("%s, %s: training loss (mean over seeds, smoothed)", TASKS[ex.task].name, regime.c_str()),
-                           "step", "loss", 0, max_steps, 0, max_loss);
+                           "step", "loss", 0, max_steps, 0, max_loss, true);
     for (size_t ai = 0; ai < arms.size(); ai++)
         if (!loss_x[ai].empty()) plot_series(loss, loss_x[ai], loss_y[ai], (int)ai, arms[ai], false);
     plot_end(acc, ex.dir + "/accuracy_" + regime + ".svg");
