@@ -37,7 +37,7 @@ static std::vector<double> nice_ticks(double lo, double hi, bool integer, int* d
     if (integer) step = std::max(step, 1.0);
     *decimals = step >= 1 ? 0 : (int)ceil(-log10(step) - 1e-9);
     std::vector<double> t;
-    for (double k = ceil(lo / step - 1e-9); k * step <= hi + 1e-9 * span; k++) t.push_back(k * step);
+    for (double k = ceil(lo / step - 1e-9); k * step <= hi + 1e-9 * span; k++) t.push_back(k == 0 ? 0.0 : k * step);   // no -0
     return t;
 }
 
