@@ -55,7 +55,7 @@ bt-build.tmp: FORCE
 
 # bt.cpp is the model program; lab/lab.cpp includes it and adds the lab (experiment, probe, bench)
 CORE_SRC = bt.cpp tensor.hpp io.hpp
-LAB_SRC  = lab/lab.cpp lab/svg.hpp lab/experiment.cpp lab/probe.cpp lab/bench.cpp
+LAB_SRC  = lab/lab.cpp lab/svg.hpp lab/trace.cpp lab/experiment.cpp lab/probe.cpp lab/bench.cpp
 
 bt: $(CORE_SRC) $(LAB_SRC) kernels.cu bt-build.tmp
 	$(BT_BUILD) -o $@ lab/lab.cpp
