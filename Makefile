@@ -71,7 +71,7 @@ deps:
 	  fi; \
 	fi
 
-tests/test_bt: tests/test_bt.cpp tests/fuzz.cpp $(CORE_SRC) $(LAB_SRC) | deps
+tests/test_bt: tests/test_bt.cpp tests/fuzz.cpp tests/pictures.cpp $(CORE_SRC) $(LAB_SRC) | deps
 	$(CXX) $(CXXFLAGS) -o $@ tests/test_bt.cpp
 
 # the kernels of kernels.cu against the CPU ops, and bt's device path (--device cuda) against its CPU
