@@ -1,4 +1,5 @@
 # bt -- make | make test | make train | make bench | make reference | make debug | make sanitize | make fuzz | make resume-test | make repro-test
+#       | make render-check
 # Options: MARCH=x86-64-v3 (the compile target; native by default), NO_OMP=1 (no OpenMP), USE_CUDA=1 (bt through nvcc, with --device cuda; make test also runs
 #          tests/test_kernels on the GPU). Without USE_CUDA nothing needs CUDA.
 SHELL    := /bin/bash
@@ -45,7 +46,7 @@ else
   $(info ✗ CUDA (make USE_CUDA=1 for bt --device cuda))
 endif
 
-.PHONY: all test train reference debug sanitize fuzz resume-test repro-test check-cuda bench clean deps FORCE
+.PHONY: all test train reference debug sanitize fuzz resume-test repro-test render-check check-cuda bench clean deps FORCE
 all: bt
 
 # bt is rebuilt when the way to build it changes (make, then make USE_CUDA=1): the command line is
@@ -55,7 +56,7 @@ bt-build.tmp: FORCE
 
 # bt.cpp is the model program; lab/lab.cpp includes it and adds the lab (experiment, probe, bench)
 CORE_SRC = bt.cpp tensor.hpp io.hpp cli.hpp decode_batched.hpp
-LAB_SRC  = lab/lab.cpp lab/svg.hpp lab/experiment.cpp lab/probe.cpp lab/bench.cpp
+LAB_SRC  = lab/lab.cpp lab/svg.hpp lab/trace.cpp lab/claims.cpp lab/experiment.cpp lab/probe.cpp lab/bench.cpp
 
 bt: $(CORE_SRC) $(LAB_SRC) kernels.cu bt-build.tmp
 	$(BT_BUILD) -o $@ lab/lab.cpp
@@ -71,7 +72,7 @@ deps:
 	  fi; \
 	fi
 
-tests/test_bt: tests/test_bt.cpp tests/fuzz.cpp $(CORE_SRC) $(LAB_SRC) | deps
+tests/test_bt: tests/test_bt.cpp tests/fuzz.cpp tests/pictures.cpp $(CORE_SRC) $(LAB_SRC) | deps
 	$(CXX) $(CXXFLAGS) -o $@ tests/test_bt.cpp
 
 # the kernels of kernels.cu against the CPU ops, and bt's device path (--device cuda) against its CPU
@@ -85,6 +86,16 @@ tests/test_kernels_gpu: tests/test_kernels.cpp kernels.cu $(CORE_SRC) | deps
 
 test: deps $(TEST_BINS)
 	@for t in $(TEST_BINS); do echo "== $$t"; ./$$t || exit 1; done
+
+# every picture rendered by headless Chromium (Debian's chromium; .ci/run installs it): the committed
+# results/ (every .svg, and trace pages) and one of each kind the code writes now (tests/pictures.cpp
+# writes them with BT_PICTURES_OUT). Fails on an XML parse error or a blank image; the PNGs stay in
+# $(RENDER_DIR)/png to look at.
+RENDER_DIR ?= /tmp/bt-render
+render-check: tests/test_bt
+	@rm -rf $(RENDER_DIR) && mkdir -p $(RENDER_DIR)/fresh
+	@BT_PICTURES_OUT=$(RENDER_DIR)/fresh ./tests/test_bt -tc='*pictures*' > $(RENDER_DIR)/test.log 2>&1 || { cat $(RENDER_DIR)/test.log; exit 1; }
+	RENDER_OUT=$(RENDER_DIR)/png tests/render_check.sh results $(RENDER_DIR)/fresh
 
 # CI: kernels.cu, bt with --device cuda, and the GPU tests must compile with nvcc (needs no GPU)
 check-cuda: | deps

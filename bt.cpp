@@ -1488,12 +1488,30 @@ static int max_tokens(const DataStream& D) {
 // Decoding: feed tokens into a B=1 run state, firing the processor before every boundary token
 // exactly as training does (so decoding and scoring see the same caches).
 // =============================================================================================
+
+// What one bottleneck step did, read from the cache and the undo log right after it (--trace,
+// --trace-html, the lab's recall picture; rewrite_record below). Nothing here feeds the model.
+struct RewriteLayer {
+    float gate;                 // sigmoid(g): the share of delta written back
+    int n_recalled;             // the first n_recalled of sel are older entries (top-k), the rest s..e-1
+    std::vector<int> sel;       // (nS) the positions rewritten, as select_forward chose them
+    std::vector<float> score;   // (s) selection score of every older position p < s (empty: periodic)
+    std::vector<float> dk, dv;  // (nS) ||post - pre|| of each rewritten entry's K and V
+    std::vector<float> k, v;    // (nS) ||pre||
+};
+struct Rewrite {
+    int s, e;                           // the segment [s,e) that just ended
+    std::vector<RewriteLayer> layers;   // L
+};
+
 struct Decoder {
     const Model* M;
     RunState S;         // B = 1, T = max_seq_len, no gradients. Row t of the cache is "slot" t
     int seg_start = 0;  // first slot of the current segment (line)
     bool use_proc = false;
-    FILE* trace = nullptr;
+    FILE* trace = nullptr;           // --trace: each rewrite printed here (print_trace)
+    bool keep_rewrites = false;      // --trace-html, the lab's pictures: each rewrite kept below
+    std::vector<Rewrite> rewrites;   // one per boundary, in order (decoder_reset clears it)
     // H2O-style eviction (the evict baseline, a vanilla model only): at each newline keep the
     // `evict` older slots with the most cumulative attention, plus the line just written
     int evict = 0;               // budget B; 0: no eviction
@@ -1537,6 +1555,7 @@ static void decoder_reset(Decoder& D) {
     D.S.n_tok = 0; D.seg_start = 0; D.next_pos = 0;
     undo_clear(D.S);
     std::fill(D.score.begin(), D.score.end(), 0.0f);
+    D.rewrites.clear();
 }
 
 // the backbone on slots [s,e); with eviction on, add the attention they paid to every slot
@@ -1578,7 +1597,7 @@ static void evict_step(Decoder& D) {
     S.n_tok = n;
 }
 
-static void print_trace(const Decoder& D, int s, int e);
+static void trace_rewrite(Decoder& D, int s, int e);
 
 
 // Append n tokens. Runs the backbone chunk by chunk; before a boundary token it fires the
@@ -1593,7 +1612,7 @@ static void decoder_feed(Decoder& D, const int* toks, int n) {
         if (D.use_proc && is_boundary(c, t, toks[i]) && t > D.seg_start) {
             if (t > chunk) decoder_forward(D, chunk, t);
             bottleneck_step(*D.M, S, D.seg_start, t);
-            if (D.trace) print_trace(D, D.seg_start, t);
+            if (D.trace || D.keep_rewrites) trace_rewrite(D, D.seg_start, t);
             D.seg_start = chunk = t;
         }
         if (c.latent > 0 && toks[i] == PAUSE && t > chunk) {   // a latent position opens its own chunk
@@ -1651,37 +1670,67 @@ static std::string generate(Decoder& D, const std::string& prompt) {
     return out;
 }
 
-// --trace: what the bottleneck step just did, layer by layer
-static void print_trace(const Decoder& D, int s, int e) {
+// the record of the step that just fired after segment [s,e) (the last L undo records)
+static Rewrite rewrite_record(const Decoder& D, int s, int e) {
     const RunState& S = D.S;
     const Config& c = D.M->cfg;
-    std::string span;
-    for (int t = s; t < e; t++) span += token_str(S.tokens[t]);
-    fprintf(D.trace, "[bottleneck] after positions %d..%d \"%s\"\n", s, e - 1, span.c_str());
+    Rewrite r{s, e, std::vector<RewriteLayer>(c.L)};
     int first = (int)S.undo.size() - c.L;   // this boundary's records, one per layer
     for (int l = 0; l < c.L; l++) {
         const UndoRecord& rec = S.undo[first + l];
         const int* sel = undo_sel_of(S, rec);
-        const float* u = undo_u_of(S, rec);
+        const float* u = undo_u_of(S, rec);   // (nS, 2C) [K | V] before the rewrite
         const BlockActs& a = S.acts[l];
-        // relative update sizes over the rewritten entries: ||post - pre|| / ||pre||
-        double dk = 0, nk = 0, dv = 0, nv = 0;
-        for (int n = 0; n < rec.nS; n++)
+        RewriteLayer& w = r.layers[l];
+        w.gate = sigmoidf(D.M->w.proc[l].gate[0]);
+        w.n_recalled = c.periodic ? 0 : rec.nS - (e - s);
+        w.sel.assign(sel, sel + rec.nS);
+        // score(p) = mean over heads and the segment's queries of att[t,h,p], as select_forward
+        // computed it (recomputed: select_forward marks its picks -inf)
+        if (!c.periodic)
+            for (int p = 0; p < s; p++) w.score.push_back(attention_mass(a.att, s, e, 0, p, 1, c.NH, S.T));
+        // per entry n: ||K_post - K_pre||, ||K_pre|| (and V's)
+        for (int n = 0; n < rec.nS; n++) {
+            double dk = 0, nk = 0, dv = 0, nv = 0;
             for (int i = 0; i < c.C; i++) {
                 float pk = u[(long)n * 2 * c.C + i], pv = u[(long)n * 2 * c.C + c.C + i];
                 float qk = a.k[(long)sel[n] * c.C + i], qv = a.v[(long)sel[n] * c.C + i];
                 dk += (qk - pk) * (qk - pk); nk += pk * pk; dv += (qv - pv) * (qv - pv); nv += pv * pv;
             }
-        fprintf(D.trace, "  layer %d gate %.3f |dK|/|K| %.4f |dV|/|V| %.4f recalled:", l,
-                sigmoidf(D.M->w.proc[l].gate[0]), sqrt(dk / (nk + 1e-30)), sqrt(dv / (nv + 1e-30)));
-        int nrec = rec.nS - (e - s);
-        if (c.periodic) nrec = 0;
-        for (int n = 0; n < nrec; n++) {
-            float score = attention_mass(a.att, s, e, 0, sel[n], 1, c.NH, S.T);   // recomputed: B = 1
-            fprintf(D.trace, " %d'%s'(%.3f)", sel[n], token_str(S.tokens[sel[n]]).c_str(), score);
+            w.dk.push_back((float)sqrt(dk)); w.k.push_back((float)sqrt(nk));
+            w.dv.push_back((float)sqrt(dv)); w.v.push_back((float)sqrt(nv));
         }
-        fprintf(D.trace, "%s\n", c.periodic ? " (periodic: the whole cache)" : "");
     }
+    return r;
+}
+
+// --trace: one rewrite, layer by layer: the gate, ||dK||/||K|| and ||dV||/||V|| over the entries
+// rewritten, and the recalled positions with their tokens and scores
+static void print_trace(FILE* f, const Decoder& D, const Rewrite& r) {
+    const RunState& S = D.S;
+    std::string span;
+    for (int t = r.s; t < r.e; t++) span += token_str(S.tokens[t]);
+    fprintf(f, "[bottleneck] after positions %d..%d \"%s\"\n", r.s, r.e - 1, span.c_str());
+    for (size_t l = 0; l < r.layers.size(); l++) {
+        const RewriteLayer& w = r.layers[l];
+        double dk = 0, nk = 0, dv = 0, nv = 0;
+        for (size_t n = 0; n < w.sel.size(); n++) {
+            dk += (double)w.dk[n] * w.dk[n]; nk += (double)w.k[n] * w.k[n];
+            dv += (double)w.dv[n] * w.dv[n]; nv += (double)w.v[n] * w.v[n];
+        }
+        fprintf(f, "  layer %zu gate %.3f |dK|/|K| %.4f |dV|/|V| %.4f recalled:", l, w.gate, sqrt(dk / (nk + 1e-30)),
+                sqrt(dv / (nv + 1e-30)));
+        for (int n = 0; n < w.n_recalled; n++)
+            fprintf(f, " %d'%s'(%.3f)", w.sel[n], token_str(S.tokens[w.sel[n]]).c_str(), w.score[w.sel[n]]);
+        fprintf(f, "%s\n", D.M->cfg.periodic ? " (periodic: the whole cache)" : "");
+    }
+}
+
+// after the bottleneck step on [s,e): print it (--trace) and/or keep it (keep_rewrites)
+static void trace_rewrite(Decoder& D, int s, int e) {
+    Rewrite r = rewrite_record(D, s, e);
+    if (D.trace) print_trace(D.trace, D, r);
+    if (D.keep_rewrites) D.rewrites.push_back(std::move(r));
 }
 
 // =============================================================================================
@@ -1996,6 +2045,7 @@ static const FlagSpec CORE_FLAGS[] = {
     {"n", "100", "evaluation examples per size"},
     {"prompt", "", "question to continue (a newline is added if missing)"},
     {"trace", "", "print what every bottleneck step selects and changes", true},
+    {"trace-html", "", "write FILE: an HTML page stepping through every rewrite (needs the lab: make builds it)"},
     {"text-file", "", "examples to score"},
     {"evict", "0", "H2O-style eviction: at each newline keep this many older cache entries (0: off)"},
     {"device", "cpu", "cpu | cuda: where the ops run (cuda: kernels.cu on the GPU, from make USE_CUDA=1)"},
@@ -2428,6 +2478,10 @@ static void cmd_eval(const Args& a) {
 }
 
 // ---- bt generate
+// --trace-html: lab/trace.cpp sets this at start-up; a bt built from bt.cpp alone has none
+static void (*g_trace_html)(const std::string& path, const Args& a, const Decoder& D, const std::string& prompt,
+                            const std::string& out) = nullptr;
+
 static void cmd_generate(const Args& a) {
     if (!a.has("ckpt")) BAD_INPUT("bt generate needs --ckpt FILE");
     if (!a.has("prompt")) BAD_INPUT("bt generate needs --prompt TEXT (a question, e.g. --prompt '1*4-0+3')");
@@ -2437,17 +2491,25 @@ static void cmd_generate(const Args& a) {
     if (p.find_first_not_of(" \n") == std::string::npos)
         BAD_INPUT("--prompt is empty: give a question to continue, e.g. --prompt '1*4-0+3'");
     if (p.back() != '\n') p += '\n';
+    bool html = a.has("trace-html");
+    if (html && !g_trace_html)
+        BAD_INPUT("--trace-html needs the lab (lab/trace.cpp), and this bt was built from bt.cpp alone: build it with make");
     use_device(a);
-    if (a.has("trace") && g_device) BAD_INPUT("--trace reads the cache on the host: run it with --device cpu");
+    if ((a.has("trace") || html) && g_device) BAD_INPUT("--trace and --trace-html read the cache on the host: run it with --device cpu");
     Model M;
     load_model(M, a.str("ckpt"));
     if (g_device) model_upload(M);
     Decoder D;
     decoder_init(D, M);
     if (a.has("trace")) D.trace = stdout;
-    if (a.has("trace") && M.cfg.proc_width == 0) printf("(this checkpoint has no processor: there is no bottleneck step to trace)\n");
+    D.keep_rewrites = html;
+    if ((a.has("trace") || html) && M.cfg.proc_width == 0) printf("(this checkpoint has no processor: there is no bottleneck step to trace)\n");
     std::string out = generate(D, p);
     printf("%s%s\n", p.c_str(), out.c_str());
+    if (html) {
+        g_trace_html(a.str("trace-html"), a, D, p, out);
+        printf("wrote %s (%zu rewrites)\n", a.str("trace-html").c_str(), D.rewrites.size());
+    }
 }
 
 // ---- bt score
@@ -2491,7 +2553,7 @@ static const Command CORE_COMMANDS[] = {
               "device",
      "train a model (vanilla backbone, or a Cache Processor on top with --model bt)", cmd_train},
     {"eval", "ckpt task data sizes n seed evict device", "greedy decoding accuracy per problem size", cmd_eval},
-    {"generate", "ckpt prompt trace device", "greedy continuation of a prompt", cmd_generate},
+    {"generate", "ckpt prompt trace trace-html device", "greedy continuation of a prompt", cmd_generate},
     {"score", "ckpt text-file device", "log-probability of every target token of the examples in a file", cmd_score},
 };
 static const bool CORE_COMMANDS_ADDED = add_commands(CORE_COMMANDS, sizeof CORE_COMMANDS / sizeof *CORE_COMMANDS,

@@ -14,8 +14,8 @@
 //     up to 9 tests): supported (adjusted p < 0.05, mean delta > 0), contradicted (adjusted
 //     p < 0.05, mean delta < 0), else not resolved.
 // With the sign test, 10 seeds that all agree give p = 0.002; Holm over 9 claims asks the
-// smallest p to be below 0.05 / 9 = 0.0056, so a claim needs every one of 10 seeds (or 9 of 11,
-// 10 of 12 ...) on its side to be resolved. That is the price of a test that assumes nothing
+// smallest p to be below 0.05 / 9 = 0.0056, so a claim needs every one of 10 seeds (or 11 of 11,
+// 12 of 12, 12 of 13) on its side to be resolved. That is the price of a test that assumes nothing
 // about the distribution of the deltas.
 
 #include <functional>

@@ -322,42 +322,17 @@ static std::string pm(const std::vector<double>& v, const char* fmt = "%.3f") {
 }
 
 // Which earlier positions each layer reconsolidated at each boundary, for one OOD example decoded
-// by a model with a processor: one panel per layer, a row per boundary, a column per position;
-// grey = the line being consolidated, dark = an older entry recalled (top-k).
+// by a model with a processor (lab/trace.cpp's recall_svg: a row per rewrite, a column per
+// position, coloured by the selection score, the recalled entries outlined)
 static void plot_reconsolidation(const Model& M, Task task, const std::string& title, const std::string& path) {
     Rng g(11);
-    std::string ex = gen_example(task, g, TASKS[task].ood_lo, true);
+    std::string q = question_of(gen_example(task, g, TASKS[task].ood_lo, true));
     Decoder D;
     decoder_init(D, M);
-    std::string out = generate(D, question_of(ex) + "\n");
-    const Config& c = M.cfg;
-    int n = D.S.n_tok, nb = (int)D.S.undo.size() / c.L;
-    double cell = std::max(2.0, std::min(8.0, 900.0 / (c.L * (n + 4)))), pw = cell * (n + 4);
-    double W = 20 + c.L * pw, H = 70 + cell * std::max(nb, 1) + 20;
-    std::string s = strf("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%.0f\" height=\"%.0f\" font-family=\"sans-serif\" "
-                         "font-size=\"11\">\n<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n", W, H);
-    s += strf("<text x=\"10\" y=\"16\" font-size=\"13\">%s</text>\n", title.c_str());
-    std::string q = question_of(ex);
-    s += strf("<text x=\"10\" y=\"32\">question %s (size %d); rows: boundaries (one per generated line), columns: "
-              "positions; grey: the line consolidated, dark: older entries recalled</text>\n", q.c_str(), TASKS[task].ood_lo);
-    for (int l = 0; l < c.L; l++) {
-        double x0 = 10 + l * pw, y0 = 50;
-        s += strf("<text x=\"%.0f\" y=\"%.0f\">layer %d</text>\n", x0, y0 - 4, l);
-        s += strf("<rect x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\" fill=\"none\" stroke=\"#ccc\"/>\n", x0, y0,
-                  cell * n, cell * nb);
-        for (int j = 0; j < nb; j++) {
-            const UndoRecord& rec = D.S.undo[(size_t)j * c.L + l];
-            const int* sel = undo_sel_of(D.S, rec);
-            int nrec = c.periodic ? 0 : rec.nS - (rec.e - rec.s);
-            for (int t = rec.s; t < rec.e; t++)
-                s += strf("<rect x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\" fill=\"#ddd\"/>\n", x0 + cell * t,
-                          y0 + cell * j, cell, cell);
-            for (int i = 0; i < nrec; i++)
-                s += strf("<rect x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\" fill=\"#222\"/>\n",
-                          x0 + cell * sel[i], y0 + cell * j, cell, cell);
-        }
-    }
-    write_file(path, s + "</svg>\n");
+    D.keep_rewrites = true;
+    std::string out = generate(D, q + "\n");
+    write_file(path, recall_svg(D, title, strf("question %s (size %d, out of distribution), greedy decoding: %s", q.c_str(),
+                                                 TASKS[task].ood_lo, out.substr(out.rfind('\n') + 1).c_str())));
 }
 
 // ---- learning curves and the claims
@@ -476,7 +451,7 @@ static std::string curves_report(const Experiment& ex, const std::string& regime
                    fmt(reach(L.f, L.m, 0.5) * 1e3, "%.2f").c_str(), fmt(reach(L.f, L.m, 0.9) * 1e3, "%.2f").c_str());
     }
     Plot by_step = plot_begin(strf("%s, %s: ID answer accuracy during training (mean, 95%% band)", TASKS[ex.task].name,
-                              regime.c_str()), "step", "ID answer accuracy", 0, max_step, 0, 1);
+                              regime.c_str()), "step", "ID answer accuracy", 0, max_step, 0, 1, true);
     Plot by_flops = plot_begin(strf("%s, %s: ID answer accuracy against training FLOPs", TASKS[ex.task].name, regime.c_str()),
                           "training PFLOP", "ID answer accuracy", 0, max_flops, 0, 1);
     for (size_t ai = 0; ai < arms.size(); ai++) {
@@ -545,7 +520,7 @@ static std::string regime_report(const Experiment& ex, const std::string& regime
     md += "\n";
     Plot acc = plot_begin(strf("%s, %s: answer accuracy by problem size (training sizes shaded)", TASKS[ex.task].name,
                                regime.c_str()), "problem size", "answer accuracy", first->sizes.front(),
-                          first->sizes.back(), 0, 1);
+                          first->sizes.back(), 0, 1, true);
     acc.svg += strf("<rect x=\"%.1f\" y=\"%.0f\" width=\"%.1f\" height=\"%.0f\" fill=\"#000\" fill-opacity=\"0.07\"/>\n",
                     acc.px(ti.train_lo), acc.T, acc.px(ti.train_hi) - acc.px(ti.train_lo), acc.H - acc.T - acc.B);
     double max_steps = 1;
@@ -582,7 +557,7 @@ static std::string regime_report(const Experiment& ex, const std::string& regime
         loss_x[ai] = lx; loss_y[ai] = ly;
     }
     Plot loss = plot_begin(strf("%s, %s: training loss (mean over seeds, smoothed)", TASKS[ex.task].name, regime.c_str()),
-                           "step", "loss", 0, max_steps, 0, max_loss);
+                           "step", "loss", 0, max_steps, 0, max_loss, true);
     for (size_t ai = 0; ai < arms.size(); ai++)
         if (!loss_x[ai].empty()) plot_series(loss, loss_x[ai], loss_y[ai], (int)ai, arms[ai], false);
     plot_end(acc, ex.dir + "/accuracy_" + regime + ".svg");

@@ -4,12 +4,14 @@
 // and score; a build of bt.cpp alone (g++ bt.cpp) has only those four.
 //
 //   svg.hpp         small SVG plots written by hand (line plots with axes and a legend)
+//   trace.cpp       what the bottleneck step did, drawn: the recall picture, bt generate --trace-html
 //   claims.cpp      the claims bt experiment tests, and its paired statistics (bootstrap, sign test, Holm)
 //   experiment.cpp  bt experiment: every arm on one task over seeds, learning curves, results.md and the plots
 //   probe.cpp       bt probe: linear probes on cache entries before and after each rewrite
 //   bench.cpp       bt bench: tokens/s, GFLOP/s and memory, beside PyTorch's figures
 #include "../bt.cpp"
 #include "svg.hpp"
+#include "trace.cpp"
 #include "claims.cpp"
 #include "experiment.cpp"
 #include "probe.cpp"

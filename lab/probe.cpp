@@ -323,7 +323,7 @@ static std::string probe_svg(const std::vector<ProbeCell>& cells, int L, const s
     double gw = 3 * 14 + 10, pw = 2 * L * gw + 40, ph = 220, W = 20 + N_TARGETS * pw, H = ph + 110;
     std::string s = strf("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%.0f\" height=\"%.0f\" font-family=\"sans-serif\" "
                          "font-size=\"11\">\n<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n", W, H);
-    s += strf("<text x=\"10\" y=\"16\" font-size=\"13\">%s</text>\n", title.c_str());
+    s += strf("<text x=\"10\" y=\"16\" font-size=\"13\">%s</text>\n", xml_escape(title).c_str());
     for (int st = 0; st < N_STAGES; st++)
         s += strf("<rect x=\"%d\" y=\"24\" width=\"10\" height=\"10\" fill=\"%s\"/><text x=\"%d\" y=\"33\">%s</text>\n",
                   10 + st * 90, PALETTE[st], 24 + st * 90, STAGE_NAMES[st]);
@@ -363,7 +363,7 @@ static std::string updates_svg(const UpdateStats& U, const std::string& title) {
     top = top > 0 ? top * 1.1 : 1;
     std::string s = strf("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%.0f\" height=\"%.0f\" font-family=\"sans-serif\" "
                          "font-size=\"11\">\n<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n", W, H);
-    s += strf("<text x=\"10\" y=\"16\" font-size=\"13\">%s</text>\n", title.c_str());
+    s += strf("<text x=\"10\" y=\"16\" font-size=\"13\">%s</text>\n", xml_escape(title).c_str());
     const char* names[4] = {"|dK|/|K| consolidated", "|dV|/|V| consolidated", "|dK|/|K| reconsolidated",
                             "|dV|/|V| reconsolidated"};
     for (int i = 0; i < 4; i++)

@@ -9,6 +9,7 @@
 #pragma GCC diagnostic ignored "-Wunused-function"   // the CLI commands, which only main() calls
 #include "../lab/lab.cpp"   // bt.cpp and the lab
 #include "fuzz.cpp"
+#include "pictures.cpp"
 
 #include <atomic>
 #include <csignal>
