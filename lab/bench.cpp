@@ -11,17 +11,17 @@ struct BenchRow {
 };
 
 // a run set up as bt train would; frozen: the backbone gets no weight updates (as with --init)
-static void bench_run(TrainRun& R, const std::vector<std::string>& flags, bool frozen) {
+static void bench_run(TrainRun& R, const TrainSpec& spec, bool frozen) {
     R.quiet = true;
-    train_setup(R, train_args_from(flags));
+    train_setup(R, spec);
     if (frozen) R.mode.train_backbone = false;
 }
 
 // training tokens/s over `steps` steps after 2 warm-up steps; sizes lo..hi of chain (0: the task's)
-static double bench_train(const std::vector<std::string>& flags, bool frozen, int steps, int lo = 0, int hi = 0,
+static double bench_train(const TrainSpec& spec, bool frozen, int steps, int lo = 0, int hi = 0,
                           double* mean_T = nullptr) {
     TrainRun R;
-    bench_run(R, flags, frozen);
+    bench_run(R, spec, frozen);
     if (lo > 0) {
         R.D.lo = lo; R.D.hi = hi;
         run_state_build(R.S, R.M.cfg, max_tokens(R.D), R.B, true);
@@ -216,11 +216,12 @@ static void cmd_bench(const Args& a) {
         rows.push_back({key, label, unit, v});
         fprintf(stderr, "  measured %-34s %10.1f %s\n", label.c_str(), v, unit.c_str());
     };
-    const std::vector<std::string> base = {"--task", "chain", "--batch", "32", "--seed", "1"};
-    std::vector<std::string> bt = base;
-    bt.insert(bt.end(), {"--model", "bt", "--joint"});
-    std::vector<std::string> step = bt;
-    step.insert(step.end(), {"--bptt", "step"});
+    TrainSpec base;   // the default model on chain
+    base.task = "chain"; base.batch = 32; base.seed = 1;
+    TrainSpec bt = base;
+    bt.model = "bt"; bt.joint = true;
+    TrainSpec step = bt;
+    step.bptt = "step";
     double mean_T = 0;
     double van = bench_train(base, false, steps, 0, 0, &mean_T);
     add("train_vanilla", "train vanilla", "tok/s", van);
@@ -255,8 +256,8 @@ static void cmd_bench(const Args& a) {
 
     // how the cost grows: width, and the number of boundaries (chain n = lines = boundaries)
     for (int C : {64, 256}) {
-        std::vector<std::string> f = base;
-        f.insert(f.end(), {"--d-model", std::to_string(C)});
+        TrainSpec f = base;
+        f.d_model = C;
         add(strf("train_vanilla_d%d", C), strf("train vanilla, d_model %d", C), "tok/s", bench_train(f, false, steps));
     }
     for (int n : {4, 8, 16}) {

@@ -16,32 +16,36 @@
 // evaluation sets every arm and seed shares); the last point is its final result. lab/claims.cpp
 // tests the claims on the final point and on the area under the curve.
 // =============================================================================================
+// An arm: what it sets in the run every arm of its regime shares (TrainSpec). vanilla-large and
+// vanilla-4x get their widths from the backbone's (LARGE_WIDTH, WIDE_WIDTH: cmd_experiment
+// computes them); vanilla-flops its steps (flops_matched_steps).
+enum { LARGE_WIDTH = -1, WIDE_WIDTH = -2 };
 struct ArmSpec {
-    const char* regime;   // "v4" or "v1"
+    const char* regime;          // "v4" or "v1"
     const char* name;
-    const char* flags;    // bt train flags beyond the shared ones
-    int evict;            // > 0: no training, evaluate the v1 vanilla model with this budget
+    void (*set)(TrainSpec&);     // the arm's model and settings
+    int evict;                   // > 0: no training, evaluate the v1 vanilla model with this budget
 };
 static const ArmSpec ARMS[] = {
-    {"v4", "vanilla+extra", "--model vanilla", 0},
-    {"v4", "bt", "--model bt --bptt step", 0},
-    {"v4", "bt-full", "--model bt --bptt full", 0},
-    {"v4", "bt-k0", "--model bt --k 0 --bptt step", 0},
-    {"v4", "pause1", "--model pause --pause 1", 0},
-    {"v4", "pause4", "--model pause --pause 4", 0},
-    {"v4", "pause16", "--model pause --pause 16", 0},
-    {"v4", "pause4-frozen", "--model pause-frozen --pause 4", 0},
-    {"v4", "latent1", "--model latent --latent 1", 0},
-    {"v4", "latent4", "--model latent --latent 4", 0},
-    {"v1", "vanilla", "--model vanilla", 0},
-    {"v1", "bt-joint", "--model bt --joint", 0},
-    {"v1", "bt-joint-periodic16", "--model bt --joint --schedule periodic:16", 0},
-    {"v1", "vanilla-large", "--model vanilla --d-model LARGE", 0},
-    {"v1", "vanilla-flops", "--model vanilla", 0},           // steps: the training FLOPs of bt-joint-periodic16
-    {"v1", "vanilla-4x", "--model vanilla --d-model WIDE", 0},
-    {"v1", "evict4", "", 4},
-    {"v1", "evict8", "", 8},
-    {"v1", "evict16", "", 16},
+    {"v4", "vanilla+extra", [](TrainSpec& t) { t.model = "vanilla"; }, 0},
+    {"v4", "bt", [](TrainSpec& t) { t.model = "bt"; t.bptt = "step"; }, 0},
+    {"v4", "bt-full", [](TrainSpec& t) { t.model = "bt"; t.bptt = "full"; }, 0},
+    {"v4", "bt-k0", [](TrainSpec& t) { t.model = "bt"; t.k = 0; t.bptt = "step"; }, 0},
+    {"v4", "pause1", [](TrainSpec& t) { t.model = "pause"; t.pause = 1; }, 0},
+    {"v4", "pause4", [](TrainSpec& t) { t.model = "pause"; t.pause = 4; }, 0},
+    {"v4", "pause16", [](TrainSpec& t) { t.model = "pause"; t.pause = 16; }, 0},
+    {"v4", "pause4-frozen", [](TrainSpec& t) { t.model = "pause-frozen"; t.pause = 4; }, 0},
+    {"v4", "latent1", [](TrainSpec& t) { t.model = "latent"; t.latent = 1; }, 0},
+    {"v4", "latent4", [](TrainSpec& t) { t.model = "latent"; t.latent = 4; }, 0},
+    {"v1", "vanilla", [](TrainSpec& t) { t.model = "vanilla"; }, 0},
+    {"v1", "bt-joint", [](TrainSpec& t) { t.model = "bt"; t.joint = true; }, 0},
+    {"v1", "bt-joint-periodic16", [](TrainSpec& t) { t.model = "bt"; t.joint = true; t.schedule = "periodic:16"; }, 0},
+    {"v1", "vanilla-large", [](TrainSpec& t) { t.model = "vanilla"; t.d_model = LARGE_WIDTH; }, 0},
+    {"v1", "vanilla-flops", [](TrainSpec& t) { t.model = "vanilla"; }, 0},   // steps: bt-joint-periodic16's FLOPs
+    {"v1", "vanilla-4x", [](TrainSpec& t) { t.model = "vanilla"; t.d_model = WIDE_WIDTH; }, 0},
+    {"v1", "evict4", nullptr, 4},
+    {"v1", "evict8", nullptr, 8},
+    {"v1", "evict16", nullptr, 16},
 };
 
 static const int CURVE_POINTS = 6;
@@ -63,19 +67,10 @@ struct RunResult {   // one arm, one seed
 struct Experiment {
     Task task;
     std::string dir;                      // results/<task>
-    std::vector<std::string> common;      // flags every training run shares (task, batch)
-    std::vector<std::string> size;        // the model size (runs that start from --init take it from there)
+    Config base;                          // the backbone's size (runs that start from --init take it from there)
     int stage1, stage2, steps, n_eval, large_width, wide_width, flops_steps, batch;
     std::vector<std::string> arms;        // which arms (names), empty: all
 };
-
-static std::vector<std::string> split_words(const std::string& s) {
-    std::vector<std::string> out;
-    std::stringstream ss(s);
-    std::string w;
-    while (ss >> w) out.push_back(w);
-    return out;
-}
 
 // forward FLOPs per token of the model: every matmul (2 per multiply-add) and attention's two
 // products over an average context of (T+1)/2; training is 3x (forward, then dx and dW)
@@ -223,7 +218,7 @@ static void evaluate_run(RunResult& r, const Model& M, Task task, int n, int evi
 
 // Train (or resume, or reuse) one run; returns its result. init: a checkpoint to start from.
 static RunResult experiment_run(const Experiment& ex, const std::string& regime, const std::string& arm,
-                                std::vector<std::string> flags, int steps, int seed, const std::string& init,
+                                const TrainSpec& arm_spec, int steps, int seed, const std::string& init,
                                 int evict, const std::string& evict_ckpt) {
     std::string base = ex.dir + "/runs/" + run_name(regime, arm, seed);
     RunResult r;
@@ -251,18 +246,19 @@ static RunResult experiment_run(const Experiment& ex, const std::string& regime,
     if (evict > 0) {
         load_model(M, evict_ckpt);
     } else {
-        std::vector<std::string> all = {"--seed", std::to_string(seed), "--steps", std::to_string(steps), "--out",
-                                        base + ".safetensors", "--log-every", "1000000", "--save-every", "0"};
-        all.insert(all.end(), ex.common.begin(), ex.common.end());
-        all.insert(all.end(), flags.begin(), flags.end());
-        if (!init.empty()) all.insert(all.end(), {"--init", init, "--lr", "0.001"});
-        else if (std::find(flags.begin(), flags.end(), "--d-model") == flags.end()) all.insert(all.end(), ex.size.begin(), ex.size.end());
-        else all.insert(all.end(), ex.size.begin() + 2, ex.size.end());   // vanilla-large sets its own width
+        TrainSpec t = arm_spec;   // the arm's settings, then what every run of the experiment shares
+        t.seed = seed; t.steps = steps; t.out = base + ".safetensors"; t.log_every = 1000000; t.save_every = 0;
+        t.task = TASKS[ex.task].name; t.batch = ex.batch;
+        if (!init.empty()) { t.init = init; t.lr = 0.001; }   // v4: from the stage-1 backbone, its size
+        else {
+            if (!t.d_model) t.d_model = ex.base.C;   // vanilla-large and vanilla-4x set their own width
+            t.layers = ex.base.L; t.heads = ex.base.NH;
+        }
         bool resume = std::ifstream(state_path(base + ".safetensors")).good();
-        if (resume) all = {"--resume", base + ".safetensors", "--log-every", "1000000"};
+        if (resume) { t = TrainSpec(); t.resume = base + ".safetensors"; t.log_every = 1000000; }
         TrainRun R;
         R.quiet = true;
-        train_setup(R, train_args_from(all));
+        train_setup(R, t);
         if (resume) printf("  %-22s seed %d: resuming at step %d\n", arm.c_str(), seed, R.step);
         // the learning curve: train to each point, save (a resume starts from the last point),
         // evaluate; the points so far are kept beside the checkpoint in <run>.curve.json
@@ -622,8 +618,7 @@ static void cmd_experiment(const Args& a) {
     ex.wide_width = wide_width(base);
     ex.batch = a.integer("batch", 1, 100000);
     ex.flops_steps = flops_matched_steps(base, ex.task, ex.batch, ex.steps);
-    ex.common = {"--task", TASKS[ex.task].name, "--batch", a.str("batch")};
-    ex.size = {"--d-model", std::to_string(base.C), "--layers", std::to_string(base.L), "--heads", std::to_string(base.NH)};
+    ex.base = base;
     std::set<std::string> only;
     if (a.has("arms")) {
         std::stringstream ss(a.str("arms"));
@@ -643,32 +638,32 @@ static void cmd_experiment(const Args& a) {
            base.C, base.L, base.NH, a.str("batch").c_str(), ex.large_width, ex.wide_width, ex.flops_steps, ex.stage1,
            ex.stage2, ex.steps, ex.n_eval, CURVE_POINTS);
     // the plan: every run in order, with a rough cost (vanilla steps) for the ETA
-    struct Job { std::string regime, arm, init, evict_ckpt; std::vector<std::string> flags; int steps, seed, evict; double cost; };
+    struct Job { std::string regime, arm, init, evict_ckpt; TrainSpec spec; int steps, seed, evict; double cost; };
     std::vector<Job> jobs;
-    auto cost_of = [&](const std::string& flags, int steps) {
-        double f = flags.find("--model bt") != std::string::npos ? 2.5 : 1.0;
-        size_t p = flags.find("--pause "), q = flags.find("--latent ");
-        if (p != std::string::npos) f += atoi(flags.c_str() + p + 8) / 8.0;   // P tokens after every ~8-token line
-        if (q != std::string::npos) f += atoi(flags.c_str() + q + 9) / 4.0;   // the same, one position at a time
-        size_t w = flags.find("--d-model ");
-        if (w != std::string::npos) f = pow(atof(flags.c_str() + w + 10) / base.C, 2);   // a wider vanilla model
-        return f * steps + 30;                                                // + evaluation
+    auto cost_of = [&](const TrainSpec& t, int steps) {
+        double f = t.model == "bt" ? 2.5 : 1.0;
+        f += t.pause.value_or(0) / 8.0;    // P tokens after every ~8-token line
+        f += t.latent.value_or(0) / 4.0;   // the same, one position at a time
+        if (t.d_model) f = pow((double)*t.d_model / base.C, 2);   // a wider vanilla model
+        return f * steps + 30;                                     // + evaluation
     };
     for (int seed = 1; seed <= seeds; seed++) {
         std::string init = ex.dir + "/runs/" + run_name("v4", "backbone", seed) + ".safetensors";
         std::string vanilla = ex.dir + "/runs/" + run_name("v1", "vanilla", seed) + ".safetensors";
-        if (v4) jobs.push_back({"v4", "backbone", "", "", {"--model", "vanilla"}, ex.stage1, seed, 0, cost_of("", ex.stage1)});
+        TrainSpec backbone;
+        backbone.model = "vanilla";
+        if (v4) jobs.push_back({"v4", "backbone", "", "", backbone, ex.stage1, seed, 0, cost_of(backbone, ex.stage1)});
         for (auto& arm : ARMS) {
-            std::string r = arm.regime, name = arm.name, flags = arm.flags;
+            std::string r = arm.regime, name = arm.name;
             bool control = name == "vanilla+extra" || name == "vanilla";   // the controls always run
             if ((r == "v4" && !v4) || (r == "v1" && !v1) || !(only.empty() || only.count(name) || control)) continue;
-            size_t at = flags.find("LARGE");
-            if (at != std::string::npos) flags.replace(at, 5, std::to_string(ex.large_width));
-            at = flags.find("WIDE");
-            if (at != std::string::npos) flags.replace(at, 4, std::to_string(ex.wide_width));
+            TrainSpec t;
+            if (arm.set) arm.set(t);
+            if (t.d_model == LARGE_WIDTH) t.d_model = ex.large_width;
+            if (t.d_model == WIDE_WIDTH) t.d_model = ex.wide_width;
             int steps = r == "v4" ? ex.stage2 : name == "vanilla-flops" ? ex.flops_steps : ex.steps;
-            jobs.push_back({r, name, r == "v4" ? init : "", vanilla, split_words(flags), steps, seed, arm.evict,
-                            arm.evict ? 30.0 : cost_of(flags, steps)});
+            jobs.push_back({r, name, r == "v4" ? init : "", vanilla, t, steps, seed, arm.evict,
+                            arm.evict ? 30.0 : cost_of(t, steps)});
         }
     }
     double total = 0, done = 0;
@@ -682,7 +677,7 @@ static void cmd_experiment(const Args& a) {
                j.seed, fmt_time(el).c_str(), done > 0 && el > 5 ? fmt_time(el / done * (total - done)).c_str() : "-");
         fflush(stdout);
         double before = now_seconds();
-        all.push_back(experiment_run(ex, j.regime, j.arm, j.flags, j.steps, j.seed, j.init, j.evict, j.evict_ckpt));
+        all.push_back(experiment_run(ex, j.regime, j.arm, j.spec, j.steps, j.seed, j.init, j.evict, j.evict_ckpt));
         if (now_seconds() - before > 1) done += j.cost;   // runs found done before do not teach the ETA
         else total -= j.cost;
     }

@@ -213,12 +213,11 @@ static void tiny_trained(const std::string& dir) {
     for (int stage = 0; stage < 2; stage++) {
         TrainRun R;
         R.quiet = true;
-        std::vector<std::string> f = {"--task", "chain", "--batch", "4", "--log-every", "1000", "--save-every", "0"};
-        if (stage == 0) f.insert(f.end(), {"--d-model", "16", "--layers", "2", "--heads", "2", "--max-seq-len", "96",
-                                           "--steps", "4", "--out", dir + "/b.safetensors"});
-        else f.insert(f.end(), {"--model", "bt", "--k", "2", "--init", dir + "/b.safetensors", "--steps", "3",
-                                "--out", dir + "/bt.safetensors"});
-        train_setup(R, train_args_from(f));
+        TrainSpec t;
+        t.task = "chain"; t.batch = 4; t.log_every = 1000; t.save_every = 0;
+        if (stage == 0) { t.d_model = 16; t.layers = 2; t.heads = 2; t.max_seq_len = 96; t.steps = 4; t.out = dir + "/b.safetensors"; }
+        else { t.model = "bt"; t.k = 2; t.init = dir + "/b.safetensors"; t.steps = 3; t.out = dir + "/bt.safetensors"; }
+        train_setup(R, t);
         train_steps(R, R.step + (stage == 0 ? 4 : 3));
         save_run(R);
     }

@@ -1144,27 +1144,32 @@ TEST_CASE("a write that fails (the file-size limit, like a full disk) exits 1 an
 // =============================================================================================
 // Training keeps its work: --resume continues exactly; a NaN stops the run and keeps the last checkpoint
 // =============================================================================================
-static const std::vector<std::string> SMALL_RUN = {"--model", "bt", "--joint", "--task", "add", "--steps", "12",
-    "--batch", "4", "--d-model", "16", "--layers", "2", "--heads", "2", "--max-seq-len", "128", "--save-every", "5",
-    "--log-every", "100", "--seed", "3"};
-static std::vector<std::string> with(std::vector<std::string> v, const std::vector<std::string>& more) {
-    v.insert(v.end(), more.begin(), more.end());
-    return v;
+// a small joint run of the processor on add, written to out (saves at steps 5 and 10)
+static TrainSpec small_run(const std::string& out) {
+    TrainSpec t;
+    t.model = "bt"; t.joint = true; t.task = "add"; t.steps = 12; t.batch = 4; t.d_model = 16; t.layers = 2; t.heads = 2;
+    t.max_seq_len = 128; t.save_every = 5; t.log_every = 100; t.seed = 3; t.out = out;
+    return t;
+}
+static TrainSpec resume_of(const std::string& ckpt) {
+    TrainSpec t;
+    t.resume = ckpt;
+    return t;
 }
 
 TEST_CASE("a run stopped midway and resumed ends bitwise equal to the run left alone (joint, processor on)") {
     std::string a = tmp_path("whole.safetensors"), b = tmp_path("stopped.safetensors");
     TrainRun A;
-    train_setup(A, train_args_from(with(SMALL_RUN, {"--out", a})));
+    train_setup(A, small_run(a));
     train_steps(A, 12);
     save_run(A);
     {
         TrainRun B;   // saves at step 5 and 10, then is dropped at step 8 without a word
-        train_setup(B, train_args_from(with(SMALL_RUN, {"--out", b})));
+        train_setup(B, small_run(b));
         train_steps(B, 8);
     }
     TrainRun C;
-    train_setup(C, train_args_from({"--resume", b}));
+    train_setup(C, resume_of(b));
     CHECK(C.step == 5);
     train_steps(C, 12);
     save_run(C);
@@ -1182,16 +1187,16 @@ TEST_CASE("a run stopped midway and resumed ends bitwise equal to the run left a
     // what --resume refuses
     std::string msg;
     TrainRun X;
-    CHECK(error_code([&] { train_setup(X, train_args_from({"--resume", b, "--lr", "0.1"})); }, &msg) == 2);
+    CHECK(error_code([&] { TrainSpec t = resume_of(b); t.lr = 0.1; train_setup(X, t); }, &msg) == 2);
     CHECK(msg.find("--lr") != std::string::npos);
-    CHECK(error_code([&] { train_setup(X, train_args_from({"--resume", "/tmp/bt_no_such_run.safetensors"})); }) == 2);
+    CHECK(error_code([&] { train_setup(X, resume_of("/tmp/bt_no_such_run.safetensors")); }) == 2);
     std::string mixed = read_bytes(a);   // a checkpoint from step 12 beside a state from step 5
     TrainRun D;
-    train_setup(D, train_args_from(with(SMALL_RUN, {"--out", b})));
+    train_setup(D, small_run(b));
     train_steps(D, 5);
     save_run(D);
     write_bytes(b, mixed);
-    CHECK(error_code([&] { TrainRun Y; train_setup(Y, train_args_from({"--resume", b})); }, &msg) == 2);
+    CHECK(error_code([&] { TrainRun Y; train_setup(Y, resume_of(b)); }, &msg) == 2);
     CHECK(msg.find("step 12") != std::string::npos);
     for (auto& p : {a, b}) { remove(p.c_str()); remove(state_path(p).c_str()); }
 }
@@ -1199,7 +1204,7 @@ TEST_CASE("a run stopped midway and resumed ends bitwise equal to the run left a
 TEST_CASE("a NaN loss stops the run (exit 1) and leaves the last good checkpoint") {
     std::string path = tmp_path("nan.safetensors");
     TrainRun R;
-    train_setup(R, train_args_from(with(SMALL_RUN, {"--out", path})));
+    train_setup(R, small_run(path));
     train_steps(R, 7);   // saved at step 5
     std::vector<float> saved_at_7 = R.M.params;
     R.M.w.tok_emb[5 * R.M.cfg.C] = NAN;   // one weight of the digit '1' goes bad
@@ -1305,8 +1310,10 @@ TEST_CASE("bt experiment: every arm runs, results.md and plots are written, a se
     CHECK(read_bytes(runs_dir + "v1-vanilla-s1.safetensors") == read_bytes(runs_dir + "v4-backbone-s1.safetensors"));
     TrainRun alone;
     alone.quiet = true;
-    train_setup(alone, train_args_from({"--seed", "1", "--steps", "3", "--task", "add", "--batch", "4", "--model", "vanilla",
-                                        "--d-model", "16", "--layers", "1", "--heads", "2", "--out", dir + "/alone.safetensors"}));
+    TrainSpec t;
+    t.seed = 1; t.steps = 3; t.task = "add"; t.batch = 4; t.model = "vanilla"; t.d_model = 16; t.layers = 1; t.heads = 2;
+    t.out = dir + "/alone.safetensors";
+    train_setup(alone, t);
     train_steps(alone, 3);
     save_run(alone);
     CHECK(read_bytes(dir + "/alone.safetensors") == read_bytes(runs_dir + "v1-vanilla-s1.safetensors"));
@@ -1682,24 +1689,25 @@ TEST_CASE("latent decoding (one Decoder, and batched) gives bt score's logits an
 }
 
 TEST_CASE("latent: a run stopped midway and resumed ends bitwise equal; the flags it refuses") {
-    std::vector<std::string> run = {"--model", "latent", "--latent", "2", "--task", "chain", "--steps", "8", "--batch", "4",
-        "--d-model", "16", "--layers", "2", "--heads", "2", "--max-seq-len", "128", "--save-every", "3",
-        "--log-every", "100", "--seed", "4"};
+    TrainSpec run;
+    run.model = "latent"; run.latent = 2; run.task = "chain"; run.steps = 8; run.batch = 4; run.d_model = 16;
+    run.layers = 2; run.heads = 2; run.max_seq_len = 128; run.save_every = 3; run.log_every = 100; run.seed = 4;
+    auto with_out = [&](const std::string& out) { TrainSpec t = run; t.out = out; return t; };
     std::string a = tmp_path("latent_whole.safetensors"), b = tmp_path("latent_stopped.safetensors");
     TrainRun A;
     A.quiet = true;
-    train_setup(A, train_args_from(with(run, {"--out", a})));
+    train_setup(A, with_out(a));
     train_steps(A, 8);
     save_run(A);
     {
         TrainRun B;
         B.quiet = true;
-        train_setup(B, train_args_from(with(run, {"--out", b})));
+        train_setup(B, with_out(b));
         train_steps(B, 5);   // saved at step 3, dropped at 5
     }
     TrainRun C;
     C.quiet = true;
-    train_setup(C, train_args_from({"--resume", b}));
+    train_setup(C, resume_of(b));
     CHECK(C.step == 3);
     CHECK(C.M.cfg.latent == 2);
     train_steps(C, 8);
@@ -1712,9 +1720,9 @@ TEST_CASE("latent: a run stopped midway and resumed ends bitwise equal; the flag
     for (auto& p : {a, b}) { remove(p.c_str()); remove(state_path(p).c_str()); }
     std::string msg;
     TrainRun X;
-    CHECK(error_code([&] { train_setup(X, train_args_from({"--latent", "2"})); }, &msg) == 2);
+    CHECK(error_code([&] { TrainSpec t; t.latent = 2; train_setup(X, t); }, &msg) == 2);
     CHECK(msg.find("--model latent") != std::string::npos);
-    CHECK(error_code([&] { train_setup(X, train_args_from({"--model", "latent", "--latent", "65"})); }) == 2);
+    CHECK(error_code([&] { TrainSpec t; t.model = "latent"; t.latent = 65; train_setup(X, t); }) == 2);
     CHECK(error_code([&] { Config c = tiny_latent_config(2); c.pause = 1; validate_config(c); }) == 2);
     CHECK(error_code([&] { Config c = tiny_config(true); c.latent = 1; validate_config(c); }) == 2);
 }

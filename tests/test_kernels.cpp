@@ -573,24 +573,25 @@ TEST_CASE("device path: one training step, processor periodic:5 (whole cache), f
 TEST_CASE("device path: one training step, vanilla") { check_step("vanilla", false, 0, true, false); }
 
 TEST_CASE("device path: bt train's loop (losses), its checkpoint is the device's weights, a device model copies") {
-    std::vector<std::string> flags = {"--task", "chain", "--d-model", "32", "--layers", "2", "--heads", "4",
-                                      "--batch", "4", "--steps", "3", "--model", "bt", "--joint", "--save-every", "0"};
+    TrainSpec run;
+    run.task = "chain"; run.d_model = 32; run.layers = 2; run.heads = 4; run.batch = 4; run.steps = 3;
+    run.model = "bt"; run.joint = true; run.save_every = 0;
     std::string scratch = "/tmp/bt_test_kernels_" + std::to_string(getpid());   // this process's own files
     std::string path_c = scratch + "_cpu.safetensors", path_d = scratch + "_cuda.safetensors";
     auto with_out = [&](const std::string& out) {
-        std::vector<std::string> f = flags;
-        f.insert(f.end(), {"--out", out});
-        return f;
+        TrainSpec t = run;
+        t.out = out;
+        return t;
     };
     TrainRun Rc;
     Rc.quiet = true;
-    train_setup(Rc, train_args_from(with_out(path_c)));
+    train_setup(Rc, with_out(path_c));
     train_steps(Rc, 3);
     {
         OnDevice on;
         TrainRun Rd;
         Rd.quiet = true;
-        train_setup(Rd, train_args_from(with_out(path_d)));
+        train_setup(Rd, with_out(path_d));
         REQUIRE(Rd.M.dev_params != nullptr);
         train_steps(Rd, 3);
         check_close("bt train: losses of 3 steps", Rd.losses, Rc.losses, TOL_MODEL);
@@ -624,8 +625,9 @@ TEST_CASE("device path: a latent model is refused with a clear message (it runs 
     try {
         TrainRun R;
         R.quiet = true;
-        train_setup(R, train_args_from({"--model", "latent", "--latent", "2", "--d-model", "16", "--layers", "1",
-                                        "--heads", "2", "--steps", "1"}));
+        TrainSpec t;
+        t.model = "latent"; t.latent = 2; t.d_model = 16; t.layers = 1; t.heads = 2; t.steps = 1;
+        train_setup(R, t);
     } catch (BtError& e) { msg = e.what(); CHECK(e.code == 2); }
     printf("  train: %s\n", msg.c_str());
     CHECK(msg.find("CPU only") != std::string::npos);
