@@ -422,8 +422,8 @@ static std::string curves_report(const Experiment& ex, const std::string& regime
     double max_step = 1, max_flops = 1e-9;
     for (size_t ai = 0; ai < arms.size(); ai++) {
         std::vector<const RunResult*> runs;
-        for (auto& r : all)
-            if (r.regime == regime && r.arm == arms[ai] && !r.curve_step.empty()) runs.push_back(&r);
+        for (auto& r : all)   // (v4's backbone is stage 1, on another step axis: not here)
+            if (r.regime == regime && r.arm == arms[ai] && r.arm != "backbone" && !r.curve_step.empty()) runs.push_back(&r);
         if (runs.empty()) continue;
         std::vector<double> aid, aood;
         for (auto* r : runs) { aid.push_back(metric_of(*r, AREA_ID)); aood.push_back(metric_of(*r, AREA_OOD)); }
@@ -436,7 +436,7 @@ static std::string curves_report(const Experiment& ex, const std::string& regime
             double lo, hi;
             bootstrap_ci(v, 2000, 7 + k, &lo, &hi);
             L.x.push_back(r0->curve_step[k]);
-            L.f.push_back(r0->curve_step[k] * r0->step_flops / 1e15);
+            L.f.push_back(r0->curve_step[k] * r0->step_flops / 1e12);   // TFLOP
             L.m.push_back(mean_of(v)); L.lo.push_back(lo); L.hi.push_back(hi);
         }
         max_step = std::max(max_step, L.x.back());
@@ -444,12 +444,12 @@ static std::string curves_report(const Experiment& ex, const std::string& regime
         auto fmt = [](double x, const char* f) { return std::isnan(x) ? std::string("not reached") : strf(f, x); };
         md += strf("| %s | %zu | %s | %s | %s | %s | %s | %s |\n", arms[ai].c_str(), runs.size(), pm(aid).c_str(),
                    pm(aood).c_str(), fmt(reach(L.x, L.m, 0.5), "%.0f").c_str(), fmt(reach(L.x, L.m, 0.9), "%.0f").c_str(),
-                   fmt(reach(L.f, L.m, 0.5) * 1e3, "%.2f").c_str(), fmt(reach(L.f, L.m, 0.9) * 1e3, "%.2f").c_str());
+                   fmt(reach(L.f, L.m, 0.5), "%.2f").c_str(), fmt(reach(L.f, L.m, 0.9), "%.2f").c_str());
     }
     Plot by_step = plot_begin(strf("%s, %s: ID answer accuracy during training (mean, 95%% band)", TASKS[ex.task].name,
                               regime.c_str()), "step", "ID answer accuracy", 0, max_step, 0, 1, true);
     Plot by_flops = plot_begin(strf("%s, %s: ID answer accuracy against training FLOPs", TASKS[ex.task].name, regime.c_str()),
-                          "training PFLOP", "ID answer accuracy", 0, max_flops, 0, 1);
+                          "training TFLOP", "ID answer accuracy", 0, max_flops, 0, 1);
     for (size_t ai = 0; ai < arms.size(); ai++) {
         const Line& L = lines[ai];
         if (L.x.empty()) continue;
