@@ -68,7 +68,8 @@ static void batch_reset(BatchDecoder& BD, int n) {
 // Drop the sequences with drop[b] set: the others keep their order in slots 0..B'-1 and the row
 // stride becomes B'. Moved, for positions [0,n_tok): what later steps read, K and V of every
 // layer (the cache) and the attention rows from the earliest current segment on (the processor's
-// select reads a segment's rows); and the tokens, for whoever looks. The other activations of
+// select reads a segment's rows); for a latent model, the last position's final normed state (a
+// latent position next reads it); and the tokens, for whoever looks. The other activations of
 // earlier positions (their logits too) are never read again and stay behind. Row p*B'+j never
 // lies after row p*B+b (j <= b, B' <= B), so moving in row order overwrites no row still to move.
 static void batch_compact(BatchDecoder& BD, const char* drop) {
@@ -89,6 +90,8 @@ static void batch_compact(BatchDecoder& BD, const char* drop) {
                 if (p >= s0) memmove(S.acts[l].att + dst * W_att, S.acts[l].att + src * W_att, sizeof(float) * W_att);
             }
             S.h_tokens[dst] = S.h_tokens[src];
+            if (c.latent > 0 && p == S.n_tok - 1)   // the state a latent position at n_tok reads
+                memmove(S.lnf + dst * c.C, S.lnf + src * c.C, sizeof(float) * c.C);
         }
     for (int j = 0; j < nb; j++) BD.seg_start[j] = BD.seg_start[from[j]];
     batch_set_stride(S, nb);

@@ -163,8 +163,10 @@ static bool read_run_json(const std::string& path, RunResult* r) {
     r->ood_first_wrong = num("ood_first_wrong");
     arr("sizes", r->sizes); arr("answer", r->answer); arr("lines", r->lines); arr("first_wrong", r->first_wrong);
     arr("loss", r->loss);
-    r->step_flops = num("step_flops");
-    arr("curve_step", r->curve_step); arr("curve_id", r->curve_id); arr("curve_ood", r->curve_ood);
+    if (j.get("step_flops")) {   // runs from before the learning curves have none (their areas are not tested)
+        r->step_flops = num("step_flops");
+        arr("curve_step", r->curve_step); arr("curve_id", r->curve_id); arr("curve_ood", r->curve_ood);
+    }
     return true;
 }
 
@@ -348,8 +350,8 @@ static double metric_of(const RunResult& r, int m) {
     switch (m) {
         case FINAL_ID: return r.id_answer;
         case FINAL_OOD: return r.ood_answer;
-        case AREA_ID: return curve_area(r.curve_step, r.curve_id);
-        default: return curve_area(r.curve_step, r.curve_ood);
+        case AREA_ID: return r.curve_step.empty() ? NAN : curve_area(r.curve_step, r.curve_id);
+        default: return r.curve_step.empty() ? NAN : curve_area(r.curve_step, r.curve_ood);
     }
 }
 
@@ -394,7 +396,7 @@ static std::string claims_report(const std::vector<RunResult>& all, int seeds) {
         std::vector<ClaimTest> tests = test_claims([&](const std::string& regime, const std::string& arm, int seed, double* v) {
             const RunResult* r = find_run(all, regime, arm, seed);
             if (r) *v = metric_of(*r, m);
-            return r != nullptr;
+            return r != nullptr && !std::isnan(*v);   // a run without a learning curve has no area
         }, baseline_of, seeds, 1000 + 100 * m);
         if (tests.empty()) continue;
         md += strf("\n### %s\n\n| claim | arm | baseline | seeds | Δ per seed | mean Δ [95%% CI] | sign test p | Holm p | "

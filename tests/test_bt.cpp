@@ -1822,3 +1822,42 @@ TEST_CASE("learning curves: the area is the trapezoid mean; reach interpolates; 
     printf("  made-up claim: mean %+.3f [%+.3f, %+.3f], p %.4f, Holm %.4f: %s\n", t[0].mean, t[0].lo, t[0].hi, t[0].p,
            t[0].p_holm, t[0].verdict);
 }
+
+TEST_CASE("latent, batched: a sequence leaving the batch right before another's latent position changes nothing") {
+    // a latent position reads the state of the position before it (lnf), so when the batch is
+    // compacted between the two, that row must move with its sequence like K and V do
+    Model M;
+    model_build(M, tiny_latent_config(2));
+    randomize(M, 95, 0.3f);
+    const Config& c = M.cfg;
+    std::vector<std::vector<int>> seqs = {tokenize(insert_pauses("1+2\n3=3\n#3$", 2), "a"),
+                                          tokenize(insert_pauses("1*4-0+3\n1*4=4", 2), "b"),
+                                          tokenize(insert_pauses("5-1\n5-1=4\n#4", 2), "c")};
+    // newlines at 4 (a, c); latent positions 5 and 6 for a and c; b leaves after position 4
+    std::vector<int> who = {0, 1, 2};
+    BatchDecoder BD;
+    batch_init(BD, M, 3);
+    batch_reset(BD, 3);
+    std::vector<Decoder> D(3);
+    for (Decoder& d : D) { decoder_init(d, M); decoder_reset(d); }
+    bool same = true;
+    for (int t = 0; t < 11; t++) {
+        int B = BD.S.B;
+        std::vector<int> toks(B);
+        for (int j = 0; j < B; j++) toks[j] = seqs[who[j]][t];
+        batch_feed(BD, toks.data(), 1);
+        for (int j = 0; j < B; j++) {
+            Decoder& d = D[who[j]];
+            decoder_feed(d, &seqs[who[j]][t], 1);
+            same &= memcmp(batch_logits(BD, j), d.S.logits + (long)t * c.V, sizeof(float) * c.V) == 0;
+        }
+        if (t == 4) {   // b leaves; a and c read their position-4 states at position 5
+            std::vector<char> drop = {0, 1, 0};
+            batch_compact(BD, drop.data());
+            who = {0, 2};
+        }
+    }
+    CHECK(seqs[0][5] == PAUSE);
+    CHECK(seqs[2][5] == PAUSE);
+    CHECK(same);
+}
