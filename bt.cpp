@@ -286,7 +286,7 @@ static void validate_config(const Config& c) {
     if (c.proc_width > 0 && (c.proc_width % c.proc_heads != 0 || (c.proc_width / c.proc_heads) % 2 != 0))
         BAD_INPUT("processor heads (%d) must divide the processor width (%d) into an even head size", c.proc_heads,
                   c.proc_width);
-    if (c.periodic < 0 || c.pause < 0 || c.latent < 0) BAD_INPUT("periodic, pause and latent must not be negative");
+    if (c.periodic < 0) BAD_INPUT("periodic must not be negative, got %d", c.periodic);
     if (c.latent > 0 && (c.pause > 0 || c.proc_width > 0))
         BAD_INPUT("a latent model (latent %d) has no PAUSE tokens and no processor (pause %d, proc_width %d)", c.latent,
                   c.pause, c.proc_width);
@@ -998,7 +998,8 @@ static const float* undo_u_of(const RunState& S, const UndoRecord& rec) { return
 static void undo_push(RunState& S, int l, int s, int e, int nS, const int* sel, const float* u, int C) {
     long n_sel = (long)nS * S.B, n_u = n_sel * 2 * C;
     if (S.undo_sel_n + n_sel > S.undo_sel_cap || S.undo_u_n + n_u > S.undo_u_cap)
-        INTERNAL("the undo log is full (%ld + %ld of %ld numbers)", S.undo_u_n, n_u, S.undo_u_cap);
+        INTERNAL("the undo log is full (entries %ld + %ld of %ld, positions %ld + %ld of %ld)", S.undo_u_n, n_u,
+                 S.undo_u_cap, S.undo_sel_n, n_sel, S.undo_sel_cap);
     S.undo.push_back({l, s, e, nS, S.undo_sel_n, S.undo_u_n});
     OP(copy_ints(S.undo_sel + S.undo_sel_n, sel, n_sel));
     OP(copy_floats(S.undo_u + S.undo_u_n, u, n_u));

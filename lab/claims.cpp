@@ -11,8 +11,9 @@
 //   - an exact two-sided sign test: n+ seeds above, n- below (ties dropped), n = n+ + n-,
 //     p = min(1, 2 * P[Bin(n, 1/2) <= min(n+, n-)]);
 //   - a verdict after Holm's correction over the claims of one task and one metric (a family of
-//     up to 9 tests): supported (adjusted p < 0.05, mean delta > 0), contradicted (adjusted
-//     p < 0.05, mean delta < 0), else not resolved.
+//     up to 9 tests): supported (adjusted p < 0.05, more seeds above than below), contradicted
+//     (adjusted p < 0.05, more below), else not resolved. The direction is the sign test's own
+//     (n+ against n-), not the mean's, which one large delta could turn.
 // With the sign test, 10 seeds that all agree give p = 0.002; Holm over 9 claims asks the
 // smallest p to be below 0.05 / 9 = 0.0056, so a claim needs every one of 10 seeds (or 11 of 11,
 // 12 of 12, 12 of 13) on its side to be resolved. That is the price of a test that assumes nothing
@@ -35,7 +36,7 @@ static const Claim CLAIMS[] = {
     {"v1", "bt-joint-periodic16", "vanilla", "end to end, the periodic processor beats vanilla"},
     {"v1", "bt-joint-periodic16", "vanilla-flops", "... beats vanilla trained for the same FLOPs"},
     {"v1", "bt-joint-periodic16", "vanilla-4x", "... beats a vanilla model with 3.5-4x the parameters"},
-    {"v1", "evict16", "vanilla", "H2O-style eviction (16 older entries kept) matches vanilla"},
+    {"v1", "evict16", "vanilla", "H2O-style eviction (16 older entries kept) beats vanilla"},
 };
 static const int N_CLAIMS = sizeof CLAIMS / sizeof *CLAIMS;
 
@@ -92,10 +93,16 @@ static std::vector<double> holm_adjust(const std::vector<double>& p) {
     return adj;
 }
 
-static const char* verdict_of(double adjusted_p, double mean_delta) {
-    if (adjusted_p < 0.05 && mean_delta > 0) return "supported";
-    if (adjusted_p < 0.05 && mean_delta < 0) return "contradicted";
+// n_up - n_down: the sign test's direction
+static const char* verdict_of(double adjusted_p, int up_minus_down) {
+    if (adjusted_p < 0.05 && up_minus_down > 0) return "supported";
+    if (adjusted_p < 0.05 && up_minus_down < 0) return "contradicted";
     return "not resolved";
+}
+static int up_minus_down(const std::vector<double>& d) {
+    int n = 0;
+    for (double x : d) n += (x > 0) - (x < 0);
+    return n;
 }
 
 // one claim on one metric: the per-seed deltas and what they say
@@ -143,7 +150,7 @@ static std::vector<ClaimTest> test_claims(const PerSeed& per_seed,
     std::vector<double> adj = holm_adjust(p);
     for (size_t i = 0; i < out.size(); i++) {
         out[i].p_holm = adj[i];
-        out[i].verdict = verdict_of(adj[i], out[i].mean);
+        out[i].verdict = verdict_of(adj[i], up_minus_down(out[i].delta));
     }
     return out;
 }

@@ -92,7 +92,7 @@ static double model_flops(const Model& M, const std::string& text) {
             if (is_boundary(c, t, toks[t])) {
                 double nS = c.periodic ? t : (t - start) + std::min(c.k, start);
                 double per_row = 2.0 * (2 * c.C * c.proc_width + c.proc_layers * (4.0 * c.proc_width * c.proc_width + 3.0 * c.proc_width * c.proc_ffn) + c.proc_width * 2 * c.C);
-                total += c.L * (nS * per_row + c.proc_layers * 4.0 * nS * nS * c.proc_width / 2);
+                total += c.L * (nS * per_row + c.proc_layers * 4.0 * nS * nS * c.proc_width);   // non-causal: QK^T, AV
                 start = t;
             }
     }
@@ -261,6 +261,9 @@ static RunResult experiment_run(const Experiment& ex, const std::string& regime,
         TrainRun R;
         R.quiet = true;
         train_setup(R, t);
+        if (resume && R.o.steps != steps)
+            BAD_INPUT("%s.safetensors was started for %d steps, this experiment asks %d: delete it and its .state to "
+                      "start that run over", base.c_str(), R.o.steps, steps);
         if (resume) printf("  %-22s seed %d: resuming at step %d\n", arm.c_str(), seed, R.step);
         // the learning curve: train to each point, save (a resume starts from the last point),
         // evaluate; the points so far are kept beside the checkpoint in <run>.curve.json
@@ -287,6 +290,13 @@ static RunResult experiment_run(const Experiment& ex, const std::string& regime,
                 r.id_answer = e.id_answer; r.ood_answer = e.ood_answer; r.ood_lines = e.ood_lines;
                 r.ood_first_wrong = e.ood_first_wrong;
             }
+        }
+        if (r.sizes.empty()) {   // resumed after the last point was written but before the run's record
+            RunResult e;
+            evaluate_run(e, R.M, ex.task, ex.n_eval, 0);
+            r.sizes = e.sizes; r.answer = e.answer; r.lines = e.lines; r.first_wrong = e.first_wrong;
+            r.id_answer = e.id_answer; r.ood_answer = e.ood_answer; r.ood_lines = e.ood_lines;
+            r.ood_first_wrong = e.ood_first_wrong;
         }
         r.seconds = trained;   // training only, not the curve's evaluations (after a resume: this session's)
         r.loss = R.losses;
@@ -350,8 +360,10 @@ static double metric_of(const RunResult& r, int m) {
     switch (m) {
         case FINAL_ID: return r.id_answer;
         case FINAL_OOD: return r.ood_answer;
-        case AREA_ID: return r.curve_step.empty() ? NAN : curve_area(r.curve_step, r.curve_id);
-        default: return r.curve_step.empty() ? NAN : curve_area(r.curve_step, r.curve_ood);
+        // an area needs a learning curve: none for runs from before the curves, and an evict arm's
+        // single point (its final evaluation) is not a mean over training
+        case AREA_ID: return r.curve_step.size() < 2 ? NAN : curve_area(r.curve_step, r.curve_id);
+        default: return r.curve_step.size() < 2 ? NAN : curve_area(r.curve_step, r.curve_ood);
     }
 }
 

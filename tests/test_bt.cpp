@@ -1648,8 +1648,9 @@ TEST_CASE("finite differences through the latent chain: every parameter (P = 2)"
         ok &= fd_check(p.name, [&]() { return model_loss(M, S, T, mode); },
                        {{p.name, M.params.data() + p.offset, p.numel, g.data() + p.offset}}, 1e-2f, 2e-2f);
     CHECK(ok);
-    // the chain matters: without the fed-back gradient (a PAUSE embedding read instead, as a pause
-    // model would) the gradient of the final norm differs
+    // and the fed-back states matter: a pause model on the same weights (the PAUSE embedding read
+    // there instead) has other gradients. (That alone would not show the chain's gradient is
+    // right; the finite differences above do.)
     double diff = 0;
     Model Mp;
     Config cp = tiny_config(false);
@@ -1795,6 +1796,10 @@ TEST_CASE("learning curves: the area is the trapezoid mean; reach interpolates; 
     CHECK(curve_area({100, 200, 300}, {0.0, 0.5, 1.0}) == doctest::Approx(0.5));
     CHECK(curve_area({100, 200, 400}, {0.2, 0.2, 0.8}) == doctest::Approx((0.2 * 100 + 0.5 * 200) / 300.0));
     CHECK(curve_area({7}, {0.3}) == 0.3);
+    RunResult evict_run;   // an evict arm's "curve" is its one final evaluation: it has no area
+    evict_run.curve_step = {600}; evict_run.curve_id = {0.4}; evict_run.curve_ood = {0.1};
+    CHECK(std::isnan(metric_of(evict_run, AREA_ID)));
+    CHECK(metric_of(evict_run, FINAL_ID) == evict_run.id_answer);
     CHECK(reach({100, 200, 300}, {0.2, 0.6, 1.0}, 0.5) == doctest::Approx(175));
     CHECK(reach({100, 200}, {0.6, 0.9}, 0.5) == 100);
     CHECK(std::isnan(reach({100, 200}, {0.1, 0.4}, 0.5)));
