@@ -219,6 +219,13 @@ static void evaluate_run(RunResult& r, const Model& M, Task task, int n, int evi
 }
 
 // Train (or resume, or reuse) one run; returns its result. init: a checkpoint to start from.
+// the evaluation e (evaluate_run) as r's result
+static void take_evaluation(RunResult& r, const RunResult& e) {
+    r.sizes = e.sizes; r.answer = e.answer; r.lines = e.lines; r.first_wrong = e.first_wrong;
+    r.id_answer = e.id_answer; r.ood_answer = e.ood_answer; r.ood_lines = e.ood_lines;
+    r.ood_first_wrong = e.ood_first_wrong;
+}
+
 static RunResult experiment_run(const Experiment& ex, const std::string& regime, const std::string& arm,
                                 const TrainSpec& arm_spec, int steps, int seed, const std::string& init,
                                 int evict, const std::string& evict_ckpt) {
@@ -285,18 +292,12 @@ static RunResult experiment_run(const Experiment& ex, const std::string& regime,
             evaluate_run(e, R.M, ex.task, ex.n_eval, 0);
             r.curve_step.push_back(at); r.curve_id.push_back(e.id_answer); r.curve_ood.push_back(e.ood_answer);
             write_file(curve_path, curve_json(r));
-            if (at == steps) {   // the final point is the run's result
-                r.sizes = e.sizes; r.answer = e.answer; r.lines = e.lines; r.first_wrong = e.first_wrong;
-                r.id_answer = e.id_answer; r.ood_answer = e.ood_answer; r.ood_lines = e.ood_lines;
-                r.ood_first_wrong = e.ood_first_wrong;
-            }
+            if (at == steps) take_evaluation(r, e);   // the final point is the run's result
         }
         if (r.sizes.empty()) {   // resumed after the last point was written but before the run's record
             RunResult e;
             evaluate_run(e, R.M, ex.task, ex.n_eval, 0);
-            r.sizes = e.sizes; r.answer = e.answer; r.lines = e.lines; r.first_wrong = e.first_wrong;
-            r.id_answer = e.id_answer; r.ood_answer = e.ood_answer; r.ood_lines = e.ood_lines;
-            r.ood_first_wrong = e.ood_first_wrong;
+            take_evaluation(r, e);
         }
         r.seconds = trained;   // training only, not the curve's evaluations (after a resume: this session's)
         r.loss = R.losses;
