@@ -136,9 +136,8 @@ static std::string run_json(const RunResult& r) {
 }
 
 static bool read_run_json(const std::string& path, RunResult* r) {
-    std::ifstream f(path);
-    if (!f) return false;
-    std::string s((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    if (!std::ifstream(path)) return false;
+    std::string s = read_file(path, "run record");
     JsonParser jp{s, 0, path};
     Json j = jp.value(0);
     auto num = [&](const char* k) {
@@ -168,35 +167,6 @@ static bool read_run_json(const std::string& path, RunResult* r) {
         arr("curve_step", r->curve_step); arr("curve_id", r->curve_id); arr("curve_ood", r->curve_ood);
     }
     return true;
-}
-
-// a half-trained run's learning curve so far
-static std::string curve_json(const RunResult& r) {
-    auto arr = [](const auto& v) {
-        std::string s = "[";
-        for (size_t i = 0; i < v.size(); i++) s += (i ? "," : "") + strf("%.6g", (double)v[i]);
-        return s + "]";
-    };
-    return "{\"curve_step\":" + arr(r.curve_step) + ",\"curve_id\":" + arr(r.curve_id) + ",\"curve_ood\":" +
-           arr(r.curve_ood) + "}\n";
-}
-static bool read_curve_json(const std::string& path, RunResult* r) {
-    std::ifstream f(path);
-    if (!f) return false;
-    std::string s((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-    JsonParser jp{s, 0, path};
-    Json j = jp.value(0);
-    for (auto [key, out] : {std::make_pair("curve_id", &r->curve_id), std::make_pair("curve_ood", &r->curve_ood)}) {
-        const Json* v = j.get(key);
-        if (!v || v->kind != Json::ARR) return false;
-        out->clear();
-        for (auto& x : v->arr) out->push_back(x.num);
-    }
-    const Json* v = j.get("curve_step");
-    if (!v || v->kind != Json::ARR) return false;
-    r->curve_step.clear();
-    for (auto& x : v->arr) r->curve_step.push_back((int)x.num);
-    return r->curve_step.size() == r->curve_id.size() && r->curve_id.size() == r->curve_ood.size();
 }
 
 // every size from the task's smallest training size to its largest OOD size, n examples each
@@ -273,10 +243,10 @@ static RunResult experiment_run(const Experiment& ex, const std::string& regime,
                       "start that run over", base.c_str(), R.o.steps, steps);
         if (resume) printf("  %-22s seed %d: resuming at step %d\n", arm.c_str(), seed, R.step);
         // the learning curve: train to each point, save (a resume starts from the last point),
-        // evaluate; the points so far are kept beside the checkpoint in <run>.curve.json
+        // evaluate; the run so far (its curve) is kept beside the checkpoint in <run>.curve.json
         std::string curve_path = base + ".curve.json";
         RunResult c;
-        if (resume && read_curve_json(curve_path, &c)) { r.curve_step = c.curve_step; r.curve_id = c.curve_id; r.curve_ood = c.curve_ood; }
+        if (resume && read_run_json(curve_path, &c)) { r.curve_step = c.curve_step; r.curve_id = c.curve_id; r.curve_ood = c.curve_ood; }
         double t0 = now_seconds(), trained = 0;
         for (int k = 1; k <= CURVE_POINTS; k++) {
             int at = (int)((long)steps * k / CURVE_POINTS);
@@ -291,7 +261,7 @@ static RunResult experiment_run(const Experiment& ex, const std::string& regime,
             RunResult e;
             evaluate_run(e, R.M, ex.task, ex.n_eval, 0);
             r.curve_step.push_back(at); r.curve_id.push_back(e.id_answer); r.curve_ood.push_back(e.ood_answer);
-            write_file(curve_path, curve_json(r));
+            write_file(curve_path, run_json(r));
             if (at == steps) take_evaluation(r, e);   // the final point is the run's result
         }
         if (r.sizes.empty()) {   // resumed after the last point was written but before the run's record
