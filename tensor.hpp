@@ -138,6 +138,38 @@ inline vfloat vbroadcast(float x) { return _mm512_set1_ps(x); }
 inline vfloat vzero() { return _mm512_setzero_ps(); }
 inline vfloat vadd(vfloat a, vfloat b) { return _mm512_add_ps(a, b); }
 inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_ps(a, b, c); }
+inline vfloat vsub(vfloat a, vfloat b) { return _mm512_sub_ps(a, b); }
+inline vfloat vmul(vfloat a, vfloat b) { return _mm512_mul_ps(a, b); }
+inline vfloat vdiv(vfloat a, vfloat b) { return _mm512_div_ps(a, b); }
+inline vfloat vneg(vfloat a) {   // flips the sign bit, as -x does (0 - x would turn -0 into +0)
+    return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(a), _mm512_set1_epi32(INT32_MIN)));
+}
+// expf_fixed, lane by lane, the same operations: clamps and NaN by masks, rintf by roundscale
+// (round to nearest even, as rintf in the default rounding mode), 2^n by an integer add
+inline vfloat vexp(vfloat x) {
+    __mmask16 lo = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
+    __mmask16 hi = _mm512_cmp_ps_mask(x, _mm512_set1_ps(88.0f), _CMP_GT_OQ);
+    __mmask16 num = _mm512_cmp_ps_mask(x, x, _CMP_EQ_OQ);
+    vfloat xc = _mm512_mask_blend_ps(num, _mm512_setzero_ps(), x);
+    xc = _mm512_mask_blend_ps(hi, xc, _mm512_set1_ps(88.0f));
+    xc = _mm512_mask_blend_ps(lo, xc, _mm512_set1_ps(-87.0f));
+    // (the masked forms of roundscale, cvtps and slli: GCC 12 warns on the unmasked ones)
+    vfloat n = _mm512_maskz_roundscale_ps(0xffff, vmul(xc, vbroadcast(1.44269504f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    vfloat r = vfma(n, vbroadcast(-0.693359375f), xc);
+    r = vfma(n, vbroadcast(2.12194440e-4f), r);
+    vfloat p = vbroadcast(1.9875691500e-4f);
+    p = vfma(p, r, vbroadcast(1.3981999507e-3f));
+    p = vfma(p, r, vbroadcast(8.3334519073e-3f));
+    p = vfma(p, r, vbroadcast(4.1665795894e-2f));
+    p = vfma(p, r, vbroadcast(1.6666665459e-1f));
+    p = vfma(p, r, vbroadcast(5.0000001201e-1f));
+    p = vadd(vfma(p, vmul(r, r), r), vbroadcast(1.0f));
+    __m512i shift = _mm512_maskz_slli_epi32(0xffff, _mm512_maskz_cvtps_epi32(0xffff, n), 23);   // n * 2^23
+    __m512i bits = _mm512_add_epi32(_mm512_castps_si512(p), shift);
+    p = _mm512_mask_blend_ps(num, x, _mm512_castsi512_ps(bits));
+    return _mm512_mask_blend_ps(lo, p, _mm512_setzero_ps());
+}
 #elif defined(__AVX2__) && defined(__FMA__)
 static const int VW = 8;
 static const char* const SIMD_NAME = "AVX2 (8 lanes), FMA";
@@ -148,6 +180,32 @@ inline vfloat vbroadcast(float x) { return _mm256_set1_ps(x); }
 inline vfloat vzero() { return _mm256_setzero_ps(); }
 inline vfloat vadd(vfloat a, vfloat b) { return _mm256_add_ps(a, b); }
 inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm256_fmadd_ps(a, b, c); }
+inline vfloat vsub(vfloat a, vfloat b) { return _mm256_sub_ps(a, b); }
+inline vfloat vmul(vfloat a, vfloat b) { return _mm256_mul_ps(a, b); }
+inline vfloat vdiv(vfloat a, vfloat b) { return _mm256_div_ps(a, b); }
+inline vfloat vneg(vfloat a) { return _mm256_xor_ps(a, _mm256_set1_ps(-0.0f)); }
+// expf_fixed lane by lane, as the AVX-512 vexp above (blendv takes its second operand where the mask is set)
+inline vfloat vexp(vfloat x) {
+    vfloat lo = _mm256_cmp_ps(x, vbroadcast(-87.0f), _CMP_LT_OQ);
+    vfloat hi = _mm256_cmp_ps(x, vbroadcast(88.0f), _CMP_GT_OQ);
+    vfloat num = _mm256_cmp_ps(x, x, _CMP_EQ_OQ);
+    vfloat xc = _mm256_blendv_ps(vzero(), x, num);
+    xc = _mm256_blendv_ps(xc, vbroadcast(88.0f), hi);
+    xc = _mm256_blendv_ps(xc, vbroadcast(-87.0f), lo);
+    vfloat n = _mm256_round_ps(vmul(xc, vbroadcast(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    vfloat r = vfma(n, vbroadcast(-0.693359375f), xc);
+    r = vfma(n, vbroadcast(2.12194440e-4f), r);
+    vfloat p = vbroadcast(1.9875691500e-4f);
+    p = vfma(p, r, vbroadcast(1.3981999507e-3f));
+    p = vfma(p, r, vbroadcast(8.3334519073e-3f));
+    p = vfma(p, r, vbroadcast(4.1665795894e-2f));
+    p = vfma(p, r, vbroadcast(1.6666665459e-1f));
+    p = vfma(p, r, vbroadcast(5.0000001201e-1f));
+    p = vadd(vfma(p, vmul(r, r), r), vbroadcast(1.0f));
+    __m256i bits = _mm256_add_epi32(_mm256_castps_si256(p), _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23));
+    p = _mm256_blendv_ps(x, _mm256_castsi256_ps(bits), num);
+    return _mm256_blendv_ps(p, vzero(), lo);
+}
 #else
 static const int VW = 8;
 static const char* const SIMD_NAME = "no AVX2+FMA: plain loops (the same numbers, slower)";
@@ -158,7 +216,21 @@ inline vfloat vbroadcast(float x) { vfloat v; for (int u = 0; u < 8; u++) v.x[u]
 inline vfloat vzero() { return vbroadcast(0.0f); }
 inline vfloat vadd(vfloat a, vfloat b) { for (int u = 0; u < 8; u++) a.x[u] += b.x[u]; return a; }
 inline vfloat vfma(vfloat a, vfloat b, vfloat c) { for (int u = 0; u < 8; u++) c.x[u] = fmaf(a.x[u], b.x[u], c.x[u]); return c; }
+inline vfloat vsub(vfloat a, vfloat b) { for (int u = 0; u < 8; u++) a.x[u] -= b.x[u]; return a; }
+inline vfloat vmul(vfloat a, vfloat b) { for (int u = 0; u < 8; u++) a.x[u] *= b.x[u]; return a; }
+inline vfloat vdiv(vfloat a, vfloat b) { for (int u = 0; u < 8; u++) a.x[u] /= b.x[u]; return a; }
+inline vfloat vneg(vfloat a) { for (int u = 0; u < 8; u++) a.x[u] = -a.x[u]; return a; }
+inline vfloat vexp(vfloat x) { for (int u = 0; u < 8; u++) x.x[u] = expf_fixed(x.x[u]); return x; }
 #endif
+// sigmoid_fixed lane by lane
+inline vfloat vsigmoid(vfloat x) { return vdiv(vbroadcast(1.0f), vadd(vbroadcast(1.0f), vexp(vneg(x)))); }
+
+// out[i] = expf_fixed(a[i] - shift) for i < n, VW at a time (out may be a)
+inline void exp_shifted(float* out, const float* a, int n, float shift) {
+    int i = 0;
+    for (; i + VW <= n; i += VW) vstore(out + i, vexp(vsub(vload(a + i), vbroadcast(shift))));
+    for (; i < n; i++) out[i] = expf_fixed(a[i] - shift);
+}
 
 // ----------------------------------------------------------------------------------------------
 // Matmul (a linear layer without bias): out[n, o] = sum_k inp[n, k] * W[o, k]
@@ -439,31 +511,47 @@ inline void rope_backward(float* dinp, const float* dout, const int* pos, int N,
 }
 
 // ----------------------------------------------------------------------------------------------
-// out[d] (+)= sum_j w[j] * rows[j*ld + d] for d < n: each out[d] one fma chain over j in order,
-// starting from 0 (or from out[d] when add). The sums stay in registers, not in out: a load, fma
-// and store per j would wait on the store before it.
-inline void weighted_sum_rows(float* out, const float* w, const float* rows, long ld, int nrows, int n, int add) {
+// Weighted sums of rows, up to WS_MAX of them side by side. Sum r is
+//   out_r[d] (+)= sum_{t < n_r} w_r[t] * rows_r[t*ld + d]      for d < HS,
+// each out_r[d] one fma chain over t in order, from 0 (or from out_r[d] when add). The chains are
+// independent, so running several at once hides the fma's latency (one chain alone waits on its
+// last result every step); the sums stay in registers, not in out. Every chain takes its steps in
+// order, however many run beside it, so the result does not depend on the grouping.
+struct WeightedSum { float* out; const float* w; const float* rows; int n; };
+static const int WS_MAX = 8;
+
+template <class V, class Load, class Fma, class Bcast, class Store>
+inline void weighted_sums_lanes(const WeightedSum* c, int R, long ld, int d, int add, Load load, Fma fma,
+                                Bcast bcast, Store store) {
+    V acc[WS_MAX];
+    int m = c[0].n;
+    for (int r = 0; r < R; r++) {
+        acc[r] = add ? load(c[r].out + d) : bcast(0.0f);
+        m = c[r].n < m ? c[r].n : m;
+    }
+    for (int t = 0; t < m; t++)            // the steps every chain has, all chains together
+        for (int r = 0; r < R; r++) acc[r] = fma(bcast(c[r].w[t]), load(c[r].rows + t * ld + d), acc[r]);
+    for (int r = 0; r < R; r++) {          // then each chain's own last steps
+        for (int t = m; t < c[r].n; t++) acc[r] = fma(bcast(c[r].w[t]), load(c[r].rows + t * ld + d), acc[r]);
+        store(c[r].out + d, acc[r]);
+    }
+}
+
+inline void weighted_sums(const WeightedSum* c, int R, long ld, int HS, int add) {
     int d = 0;
-    for (; d + 2 * VW <= n; d += 2 * VW) {   // two vectors: two chains, one fma each per row
-        vfloat acc0 = add ? vload(out + d) : vzero(), acc1 = add ? vload(out + d + VW) : vzero();
-        for (int j = 0; j < nrows; j++) {
-            vfloat a = vbroadcast(w[j]);
-            acc0 = vfma(a, vload(rows + j * ld + d), acc0);
-            acc1 = vfma(a, vload(rows + j * ld + d + VW), acc1);
-        }
-        vstore(out + d, acc0);
-        vstore(out + d + VW, acc1);
-    }
-    for (; d + VW <= n; d += VW) {
-        vfloat acc = add ? vload(out + d) : vzero();
-        for (int j = 0; j < nrows; j++) acc = vfma(vbroadcast(w[j]), vload(rows + j * ld + d), acc);
-        vstore(out + d, acc);
-    }
-    for (; d < n; d++) {
-        float acc = add ? out[d] : 0.0f;
-        for (int j = 0; j < nrows; j++) acc = fmaf(w[j], rows[j * ld + d], acc);
-        out[d] = acc;
-    }
+    for (; d + VW <= HS; d += VW)
+        weighted_sums_lanes<vfloat>(c, R, ld, d, add, vload, vfma, vbroadcast, vstore);
+#if defined(__AVX512F__)
+    for (; d + 8 <= HS; d += 8)            // a head of 8 on a 16-lane machine: AVX2's 8 lanes
+        weighted_sums_lanes<__m256>(c, R, ld, d, add, [](const float* p) { return _mm256_loadu_ps(p); },
+                                    [](__m256 a, __m256 b, __m256 x) { return _mm256_fmadd_ps(a, b, x); },
+                                    [](float x) { return _mm256_set1_ps(x); },
+                                    [](float* p, __m256 x) { _mm256_storeu_ps(p, x); });
+#endif
+    for (; d < HS; d++)
+        weighted_sums_lanes<float>(c, R, ld, d, add, [](const float* p) { return *p; },
+                                   [](float a, float b, float x) { return fmaf(a, b, x); },
+                                   [](float x) { return x; }, [](float* p, float x) { *p = x; });
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -478,26 +566,32 @@ inline void attention_forward(float* out, float* att, const float* q, const floa
                               int Tq, int Tk, int ld, int q0, int causal, int B, int NH, int HS) {
     int C = NH * HS;
     float scale = 1.0f / sqrtf((float)HS);
-    parallel_for((long)Tq * B * NH, (long)Tq * B * NH * Tk * HS, [&](long u0, long u1) {
-        for (long u = u0; u < u1; u++) {   // u = (i*B + b)*NH + h
-            int i = (int)(u / ((long)B * NH)), b = (int)(u / NH % B), h = (int)(u % NH);
-            int nk = causal ? q0 + i + 1 : Tk;
-            const float* qi = q + ((long)i * B + b) * C + h * HS;
-            float* a = att + u * ld;
-            // scores and their max
-            float mx = -INFINITY;
-            for (int j = 0; j < nk; j++) {
-                a[j] = dot8(qi, k + ((long)j * B + b) * C + h * HS, HS) * scale;
-                if (a[j] > mx) mx = a[j];
+    int ng = (Tq + WS_MAX - 1) / WS_MAX;   // queries go in groups of WS_MAX: their weighted sums run side by side
+    parallel_for((long)ng * B * NH, (long)Tq * B * NH * Tk * HS, [&](long u0, long u1) {
+        for (long u = u0; u < u1; u++) {   // u = (group*B + b)*NH + h
+            int g = (int)(u / ((long)B * NH)), b = (int)(u / NH % B), h = (int)(u % NH);
+            int i0 = g * WS_MAX, R = Tq - i0 < WS_MAX ? Tq - i0 : WS_MAX;
+            WeightedSum sums[WS_MAX];
+            for (int r = 0; r < R; r++) {
+                int i = i0 + r, nk = causal ? q0 + i + 1 : Tk;
+                const float* qi = q + ((long)i * B + b) * C + h * HS;
+                float* a = att + (((long)i * B + b) * NH + h) * ld;
+                // scores and their max
+                float mx = -INFINITY;
+                for (int j = 0; j < nk; j++) {
+                    a[j] = dot8(qi, k + ((long)j * B + b) * C + h * HS, HS) * scale;
+                    if (a[j] > mx) mx = a[j];
+                }
+                // softmax (the exps VW at a time; their sum runs in j order)
+                exp_shifted(a, a, nk, mx);
+                float sum = 0.0f;
+                for (int j = 0; j < nk; j++) sum += a[j];
+                for (int j = 0; j < nk; j++) a[j] /= sum;
+                for (int j = nk; j < Tk; j++) a[j] = 0.0f;   // masked keys; columns past Tk are not written
+                sums[r] = {out + ((long)i * B + b) * C + h * HS, a, v + (long)b * C + h * HS, nk};
             }
-            // softmax (the exps vectorise; their sum runs in j order)
-            for (int j = 0; j < nk; j++) a[j] = expf_fixed(a[j] - mx);
-            float sum = 0.0f;
-            for (int j = 0; j < nk; j++) sum += a[j];
-            for (int j = 0; j < nk; j++) a[j] /= sum;
-            for (int j = nk; j < Tk; j++) a[j] = 0.0f;   // masked keys; columns past Tk are not written
-            // weighted sum of values: v rows of this (b, h) are B*C apart
-            weighted_sum_rows(out + ((long)i * B + b) * C + h * HS, a, v + (long)b * C + h * HS, (long)B * C, nk, HS, 0);
+            // out_i = sum_j a_ij v_j: v rows of this (b, h) are B*C apart
+            weighted_sums(sums, R, (long)B * C, HS, 0);
         }
     });
 }
@@ -515,10 +609,11 @@ inline void attention_backward(float* dq, float* dk, float* dv, const float* dou
     long ldr = (long)B * C;   // from one position's row to the next, within one (b, h)
     float scale = 1.0f / sqrtf((float)HS);
     parallel_for((long)B * NH, (long)Tq * B * NH * Tk * HS, [&](long u0, long u1) {
-        thread_local std::vector<float> da, ds, w;   // da (Tk), ds (Tq,Tk) of this (b,h), w (Tq)
+        thread_local std::vector<float> da, ds, w;   // da (Tk), ds (Tq,Tk) of this (b,h), w (WS_MAX,2,Tq)
         if ((long)ds.size() < (long)Tq * Tk) ds.resize((long)Tq * Tk);
         if ((int)da.size() < Tk) da.resize(Tk);
-        if ((int)w.size() < Tq) w.resize(Tq);
+        if ((long)w.size() < 2L * WS_MAX * Tq) w.resize(2L * WS_MAX * Tq);
+        WeightedSum sums[WS_MAX], sums_v[WS_MAX];
         for (long u = u0; u < u1; u++) {      // u = b*NH + h
             int b = (int)(u / NH), h = (int)(u % NH);
             long off = (long)b * C + h * HS;  // this (b,h)'s first row in q, k, v, dout
@@ -534,17 +629,35 @@ inline void attention_backward(float* dq, float* dk, float* dv, const float* dou
                     adot = fmaf(a[j], da[j], adot);
                 }
                 for (int j = 0; j < nk; j++) dsi[j] = a[j] * (da[j] - adot) * scale;
-                // dq_i += sum_j ds_j k_j
-                weighted_sum_rows(dq + off + i * ldr, dsi, k + off, ldr, nk, HS, 1);
             }
-            // key j was seen by queries i >= j - q0 (causal) or by all
-            for (int j = 0; j < Tk; j++) {
-                int i0 = causal ? (j - q0 > 0 ? j - q0 : 0) : 0, n = Tq - i0;
-                if (n <= 0) continue;
-                for (int i = 0; i < n; i++) w[i] = ds[(long)(i0 + i) * Tk + j];
-                weighted_sum_rows(dk + off + j * ldr, w.data(), q + off + i0 * ldr, ldr, n, HS, 1);
-                for (int i = 0; i < n; i++) w[i] = att[(((long)(i0 + i) * B + b) * NH + h) * ld + j];
-                weighted_sum_rows(dv + off + j * ldr, w.data(), dout + off + i0 * ldr, ldr, n, HS, 1);
+            // dq_i += sum_j ds_ij k_j, WS_MAX queries side by side
+            for (int i0 = 0; i0 < Tq; i0 += WS_MAX) {
+                int R = Tq - i0 < WS_MAX ? Tq - i0 : WS_MAX;
+                for (int r = 0; r < R; r++)
+                    sums[r] = {dq + off + (i0 + r) * ldr, ds.data() + (long)(i0 + r) * Tk, k + off,
+                               causal ? q0 + i0 + r + 1 : Tk};
+                weighted_sums(sums, R, ldr, HS, 1);
+            }
+            // dk_j += sum_i ds_ij q_i and dv_j += sum_i a_ij dout_i over the queries i that saw key j
+            // (i >= j - q0 when causal), WS_MAX keys side by side
+            for (int j0 = 0; j0 < Tk; j0 += WS_MAX) {
+                int R = 0;
+                for (int j = j0; j < Tk && j < j0 + WS_MAX; j++) {
+                    int i0 = causal ? (j - q0 > 0 ? j - q0 : 0) : 0, n = Tq - i0;
+                    if (n <= 0) continue;
+                    float* wk = w.data() + (long)R * 2 * Tq;
+                    float* wv = wk + Tq;
+                    for (int i = 0; i < n; i++) {
+                        wk[i] = ds[(long)(i0 + i) * Tk + j];
+                        wv[i] = att[(((long)(i0 + i) * B + b) * NH + h) * ld + j];
+                    }
+                    sums[R] = {dk + off + j * ldr, wk, q + off + i0 * ldr, n};
+                    sums_v[R] = {dv + off + j * ldr, wv, dout + off + i0 * ldr, n};
+                    R++;
+                }
+                if (R == 0) continue;
+                weighted_sums(sums, R, ldr, HS, 1);
+                weighted_sums(sums_v, R, ldr, HS, 1);
             }
         }
     });
@@ -552,24 +665,46 @@ inline void attention_backward(float* dq, float* dk, float* dv, const float* dou
 
 // ----------------------------------------------------------------------------------------------
 // SwiGLU gate: out = silu(h1) * h3, silu(x) = x * sigmoid(x).   out, h1, h3 (N)
+// swiglu_forward_naive is the reference, one element at a time; swiglu_forward does VW at a time
+// with the same operations in the same order (a test compares their bits).
+inline void swiglu_forward_naive(float* out, const float* h1, const float* h3, long i0, long i1) {
+    for (long i = i0; i < i1; i++) {
+        float sg = sigmoid_fixed(h1[i]);
+        out[i] = h1[i] * sg * h3[i];
+    }
+}
 inline void swiglu_forward(float* out, const float* h1, const float* h3, long N) {
     parallel_for(N, N, [&](long i0, long i1) {
-        for (long i = i0; i < i1; i++) {
-            float sg = sigmoid_fixed(h1[i]);
-            out[i] = h1[i] * sg * h3[i];
+        long i = i0;
+        for (; i + VW <= i1; i += VW) {
+            vfloat x = vload(h1 + i);
+            vstore(out + i, vmul(vmul(x, vsigmoid(x)), vload(h3 + i)));
         }
+        swiglu_forward_naive(out, h1, h3, i, i1);
     });
 }
 
 // forward did out = h1 sigma(h1) h3, so
 //   dh3 += dout * h1 sigma(h1) ;  dh1 += dout * h3 * sigma(h1) (1 + h1 (1 - sigma(h1)))
+inline void swiglu_backward_naive(float* dh1, float* dh3, const float* dout, const float* h1, const float* h3,
+                                  long i0, long i1) {
+    for (long i = i0; i < i1; i++) {
+        float sg = sigmoid_fixed(h1[i]);
+        dh3[i] += dout[i] * h1[i] * sg;
+        dh1[i] += dout[i] * h3[i] * sg * (1.0f + h1[i] * (1.0f - sg));
+    }
+}
 inline void swiglu_backward(float* dh1, float* dh3, const float* dout, const float* h1, const float* h3, long N) {
     parallel_for(N, N, [&](long i0, long i1) {
-        for (long i = i0; i < i1; i++) {
-            float sg = sigmoid_fixed(h1[i]);
-            dh3[i] += dout[i] * h1[i] * sg;
-            dh1[i] += dout[i] * h3[i] * sg * (1.0f + h1[i] * (1.0f - sg));
+        long i = i0;
+        vfloat one = vbroadcast(1.0f);
+        for (; i + VW <= i1; i += VW) {
+            vfloat x = vload(h1 + i), sg = vsigmoid(x), g = vload(dout + i);
+            vstore(dh3 + i, vadd(vload(dh3 + i), vmul(vmul(g, x), sg)));
+            vfloat t = vmul(vmul(g, vload(h3 + i)), sg);
+            vstore(dh1 + i, vadd(vload(dh1 + i), vmul(t, vadd(one, vmul(x, vsub(one, sg))))));
         }
+        swiglu_backward_naive(dh1, dh3, dout, h1, h3, i, i1);
     });
 }
 
@@ -599,7 +734,7 @@ inline void crossentropy_forward(float* loss, float* probs, const float* logits,
             float* p = probs + n * V;
             float mx = -INFINITY;
             for (int i = 0; i < V; i++) mx = z[i] > mx ? z[i] : mx;
-            for (int i = 0; i < V; i++) p[i] = expf_fixed(z[i] - mx);
+            exp_shifted(p, z, V, mx);
             float sum = 0.0f;
             for (int i = 0; i < V; i++) sum += p[i];
             for (int i = 0; i < V; i++) p[i] /= sum;

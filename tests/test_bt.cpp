@@ -318,6 +318,68 @@ TEST_CASE("expf_fixed is within 1 ulp of expf on [-87, 88], 0 below") {
     CHECK(expf_fixed(-INFINITY) == 0.0f);
 }
 
+// vexp, the softmax exps and SwiGLU run VW lanes at a time (tensor.hpp); each lane must be the
+// scalar expf_fixed / the naive loop bit for bit, specials included (NaN, +-inf, +-0, the clamps)
+TEST_CASE("vector exp, softmax exps and SwiGLU equal their scalar loops bit for bit") {
+    std::vector<float> x;
+    for (float v = -100.0f; v <= 100.0f; v += 0.0137f) x.push_back(v);
+    for (float v : {NAN, -NAN, INFINITY, -INFINITY, 0.0f, -0.0f, -87.0f, -87.00001f, 88.0f, 88.00001f, 1e-30f,
+                    -1e-30f, 3.4e38f, -3.4e38f, 0.34657359f, -0.34657359f})
+        x.push_back(v);
+    while (x.size() % VW != 3) x.push_back(0.5f);   // and a ragged tail
+    long N = (long)x.size();
+    auto same = [](float a, float b) { return memcmp(&a, &b, 4) == 0 || (std::isnan(a) && std::isnan(b)); };
+    std::vector<float> e(N);
+    exp_shifted(e.data(), x.data(), (int)N, 0.0f);
+    long bad = 0;
+    for (long i = 0; i < N; i++) bad += !same(e[i], expf_fixed(x[i]));
+    exp_shifted(e.data(), x.data(), (int)N, 1.5f);
+    for (long i = 0; i < N; i++) bad += !same(e[i], expf_fixed(x[i] - 1.5f));
+    CHECK_MESSAGE(bad == 0, bad, " of ", 2 * N, " exps differ from expf_fixed");
+    Rng r(5);
+    auto h3 = randv(r, N), g = randv(r, N), dh1 = randv(r, N), dh3 = randv(r, N);
+    auto dh1n = dh1, dh3n = dh3;
+    std::vector<float> out(N), outn(N);
+    swiglu_forward(out.data(), x.data(), h3.data(), N);
+    swiglu_forward_naive(outn.data(), x.data(), h3.data(), 0, N);
+    swiglu_backward(dh1.data(), dh3.data(), g.data(), x.data(), h3.data(), N);
+    swiglu_backward_naive(dh1n.data(), dh3n.data(), g.data(), x.data(), h3.data(), 0, N);
+    long bad_fwd = 0, bad_bwd = 0;
+    for (long i = 0; i < N; i++) {
+        bad_fwd += !same(out[i], outn[i]);
+        bad_bwd += !same(dh1[i], dh1n[i]) + !same(dh3[i], dh3n[i]);
+    }
+    CHECK_MESSAGE(bad_fwd == 0, bad_fwd, " SwiGLU outputs differ");
+    CHECK_MESSAGE(bad_bwd == 0, bad_bwd, " SwiGLU gradients differ");
+}
+
+// attention's weighted sums run up to WS_MAX chains side by side (tensor.hpp, weighted_sums); each
+// must be its own fma chain in order, as if alone: against a plain fmaf loop, for ragged lengths
+// (a common run, then each chain's own steps), head sizes of 8 (a half vector on AVX-512), 16, 32, 13
+TEST_CASE("weighted sums side by side equal one plain fma chain each, bit for bit") {
+    Rng r(8);
+    long bad = 0;
+    for (int HS : {8, 16, 32, 13})
+        for (int R : {1, 3, WS_MAX})
+            for (int add : {0, 1}) {
+                long ld = 3L * HS + 1;
+                int T = 21;
+                auto rows = randv(r, T * ld), w = randv(r, (long)R * T), got = randv(r, (long)R * HS);
+                auto want = got;
+                WeightedSum c[WS_MAX];
+                for (int k = 0; k < R; k++)   // chain k: its own weights, rows from row k, T - 2k - 1 steps
+                    c[k] = {got.data() + k * HS, w.data() + k * T, rows.data() + k * ld, T - 2 * k - 1};
+                weighted_sums(c, R, ld, HS, add);
+                for (int k = 0; k < R; k++)
+                    for (int d = 0; d < HS; d++) {
+                        float acc = add ? want[k * HS + d] : 0.0f;
+                        for (int t = 0; t < c[k].n; t++) acc = fmaf(w[k * T + t], rows[(k + t) * ld + d], acc);
+                        bad += memcmp(&acc, &got[k * HS + d], 4) != 0;
+                    }
+            }
+    CHECK_MESSAGE(bad == 0, bad, " weighted-sum outputs differ from their plain fma chains");
+}
+
 TEST_CASE("finite differences: embedding, matmul (naive and fast), rmsnorm, rope, residual") {
     Rng r(11);
     int N = 6, C = 32, V = 5, OC = 20;
