@@ -144,31 +144,25 @@ inline vfloat vdiv(vfloat a, vfloat b) { return _mm512_div_ps(a, b); }
 inline vfloat vneg(vfloat a) {   // flips the sign bit, as -x does (0 - x would turn -0 into +0)
     return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(a), _mm512_set1_epi32(INT32_MIN)));
 }
-// expf_fixed, lane by lane, the same operations: clamps and NaN by masks, rintf by roundscale
-// (round to nearest even, as rintf in the default rounding mode), 2^n by an integer add
-inline vfloat vexp(vfloat x) {
-    __mmask16 lo = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
-    __mmask16 hi = _mm512_cmp_ps_mask(x, _mm512_set1_ps(88.0f), _CMP_GT_OQ);
-    __mmask16 num = _mm512_cmp_ps_mask(x, x, _CMP_EQ_OQ);
-    vfloat xc = _mm512_mask_blend_ps(num, _mm512_setzero_ps(), x);
-    xc = _mm512_mask_blend_ps(hi, xc, _mm512_set1_ps(88.0f));
-    xc = _mm512_mask_blend_ps(lo, xc, _mm512_set1_ps(-87.0f));
-    // (the masked forms of roundscale, cvtps and slli: GCC 12 warns on the unmasked ones)
-    vfloat n = _mm512_maskz_roundscale_ps(0xffff, vmul(xc, vbroadcast(1.44269504f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    vfloat r = vfma(n, vbroadcast(-0.693359375f), xc);
-    r = vfma(n, vbroadcast(2.12194440e-4f), r);
-    vfloat p = vbroadcast(1.9875691500e-4f);
-    p = vfma(p, r, vbroadcast(1.3981999507e-3f));
-    p = vfma(p, r, vbroadcast(8.3334519073e-3f));
-    p = vfma(p, r, vbroadcast(4.1665795894e-2f));
-    p = vfma(p, r, vbroadcast(1.6666665459e-1f));
-    p = vfma(p, r, vbroadcast(5.0000001201e-1f));
-    p = vadd(vfma(p, vmul(r, r), r), vbroadcast(1.0f));
+// expf_fixed's steps that differ by machine (vexp below puts them together): its clamps of the
+// input, rintf (roundscale to nearest even, as rintf in the default rounding mode), times 2^n (an
+// integer add to the exponent bits), and its output for NaN and below -87. (The masked forms of
+// roundscale, cvtps and slli: GCC 12 warns on the unmasked ones.)
+inline vfloat vexp_clamp(vfloat x) {   // x < -87 ? -87 : x > 88 ? 88 : x == x ? x : 0
+    vfloat xc = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_EQ_OQ), vzero(), x);
+    xc = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, vbroadcast(88.0f), _CMP_GT_OQ), xc, vbroadcast(88.0f));
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, vbroadcast(-87.0f), _CMP_LT_OQ), xc, vbroadcast(-87.0f));
+}
+inline vfloat vrint(vfloat x) {
+    return _mm512_maskz_roundscale_ps(0xffff, x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+inline vfloat vtimes_pow2(vfloat p, vfloat n) {
     __m512i shift = _mm512_maskz_slli_epi32(0xffff, _mm512_maskz_cvtps_epi32(0xffff, n), 23);   // n * 2^23
-    __m512i bits = _mm512_add_epi32(_mm512_castps_si512(p), shift);
-    p = _mm512_mask_blend_ps(num, x, _mm512_castsi512_ps(bits));
-    return _mm512_mask_blend_ps(lo, p, _mm512_setzero_ps());
+    return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p), shift));
+}
+inline vfloat vexp_special(vfloat x, vfloat p) {   // x < -87 ? 0 : x == x ? p : x
+    p = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_EQ_OQ), x, p);
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, vbroadcast(-87.0f), _CMP_LT_OQ), p, vzero());
 }
 #elif defined(__AVX2__) && defined(__FMA__)
 static const int VW = 8;
@@ -184,27 +178,20 @@ inline vfloat vsub(vfloat a, vfloat b) { return _mm256_sub_ps(a, b); }
 inline vfloat vmul(vfloat a, vfloat b) { return _mm256_mul_ps(a, b); }
 inline vfloat vdiv(vfloat a, vfloat b) { return _mm256_div_ps(a, b); }
 inline vfloat vneg(vfloat a) { return _mm256_xor_ps(a, _mm256_set1_ps(-0.0f)); }
-// expf_fixed lane by lane, as the AVX-512 vexp above (blendv takes its second operand where the mask is set)
-inline vfloat vexp(vfloat x) {
-    vfloat lo = _mm256_cmp_ps(x, vbroadcast(-87.0f), _CMP_LT_OQ);
-    vfloat hi = _mm256_cmp_ps(x, vbroadcast(88.0f), _CMP_GT_OQ);
-    vfloat num = _mm256_cmp_ps(x, x, _CMP_EQ_OQ);
-    vfloat xc = _mm256_blendv_ps(vzero(), x, num);
-    xc = _mm256_blendv_ps(xc, vbroadcast(88.0f), hi);
-    xc = _mm256_blendv_ps(xc, vbroadcast(-87.0f), lo);
-    vfloat n = _mm256_round_ps(vmul(xc, vbroadcast(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    vfloat r = vfma(n, vbroadcast(-0.693359375f), xc);
-    r = vfma(n, vbroadcast(2.12194440e-4f), r);
-    vfloat p = vbroadcast(1.9875691500e-4f);
-    p = vfma(p, r, vbroadcast(1.3981999507e-3f));
-    p = vfma(p, r, vbroadcast(8.3334519073e-3f));
-    p = vfma(p, r, vbroadcast(4.1665795894e-2f));
-    p = vfma(p, r, vbroadcast(1.6666665459e-1f));
-    p = vfma(p, r, vbroadcast(5.0000001201e-1f));
-    p = vadd(vfma(p, vmul(r, r), r), vbroadcast(1.0f));
-    __m256i bits = _mm256_add_epi32(_mm256_castps_si256(p), _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23));
-    p = _mm256_blendv_ps(x, _mm256_castsi256_ps(bits), num);
-    return _mm256_blendv_ps(p, vzero(), lo);
+// as for AVX-512 above; blendv(a, b, mask) takes b where the mask is set
+inline vfloat vexp_clamp(vfloat x) {
+    vfloat xc = _mm256_blendv_ps(vzero(), x, _mm256_cmp_ps(x, x, _CMP_EQ_OQ));
+    xc = _mm256_blendv_ps(xc, vbroadcast(88.0f), _mm256_cmp_ps(x, vbroadcast(88.0f), _CMP_GT_OQ));
+    return _mm256_blendv_ps(xc, vbroadcast(-87.0f), _mm256_cmp_ps(x, vbroadcast(-87.0f), _CMP_LT_OQ));
+}
+inline vfloat vrint(vfloat x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline vfloat vtimes_pow2(vfloat p, vfloat n) {
+    __m256i shift = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);   // n * 2^23
+    return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), shift));
+}
+inline vfloat vexp_special(vfloat x, vfloat p) {
+    p = _mm256_blendv_ps(x, p, _mm256_cmp_ps(x, x, _CMP_EQ_OQ));
+    return _mm256_blendv_ps(p, vzero(), _mm256_cmp_ps(x, vbroadcast(-87.0f), _CMP_LT_OQ));
 }
 #else
 static const int VW = 8;
@@ -220,8 +207,41 @@ inline vfloat vsub(vfloat a, vfloat b) { for (int u = 0; u < 8; u++) a.x[u] -= b
 inline vfloat vmul(vfloat a, vfloat b) { for (int u = 0; u < 8; u++) a.x[u] *= b.x[u]; return a; }
 inline vfloat vdiv(vfloat a, vfloat b) { for (int u = 0; u < 8; u++) a.x[u] /= b.x[u]; return a; }
 inline vfloat vneg(vfloat a) { for (int u = 0; u < 8; u++) a.x[u] = -a.x[u]; return a; }
-inline vfloat vexp(vfloat x) { for (int u = 0; u < 8; u++) x.x[u] = expf_fixed(x.x[u]); return x; }
+inline vfloat vexp_clamp(vfloat x) {
+    for (float& v : x.x) v = v < -87.0f ? -87.0f : v > 88.0f ? 88.0f : v == v ? v : 0.0f;
+    return x;
+}
+inline vfloat vrint(vfloat x) { for (float& v : x.x) v = rintf(v); return x; }
+inline vfloat vtimes_pow2(vfloat p, vfloat n) {
+    for (int u = 0; u < 8; u++) {
+        int32_t bits;
+        memcpy(&bits, &p.x[u], 4);
+        bits += (int32_t)n.x[u] * (1 << 23);
+        memcpy(&p.x[u], &bits, 4);
+    }
+    return p;
+}
+inline vfloat vexp_special(vfloat x, vfloat p) {
+    for (int u = 0; u < 8; u++) p.x[u] = x.x[u] < -87.0f ? 0.0f : x.x[u] == x.x[u] ? p.x[u] : x.x[u];
+    return p;
+}
 #endif
+
+// expf_fixed, lane by lane: the same operations in the same order
+inline vfloat vexp(vfloat x) {
+    vfloat xc = vexp_clamp(x);
+    vfloat n = vrint(vmul(xc, vbroadcast(1.44269504f)));
+    vfloat r = vfma(n, vbroadcast(-0.693359375f), xc);
+    r = vfma(n, vbroadcast(2.12194440e-4f), r);
+    vfloat p = vbroadcast(1.9875691500e-4f);
+    p = vfma(p, r, vbroadcast(1.3981999507e-3f));
+    p = vfma(p, r, vbroadcast(8.3334519073e-3f));
+    p = vfma(p, r, vbroadcast(4.1665795894e-2f));
+    p = vfma(p, r, vbroadcast(1.6666665459e-1f));
+    p = vfma(p, r, vbroadcast(5.0000001201e-1f));
+    p = vadd(vfma(p, vmul(r, r), r), vbroadcast(1.0f));
+    return vexp_special(x, vtimes_pow2(p, n));
+}
 // sigmoid_fixed lane by lane
 inline vfloat vsigmoid(vfloat x) { return vdiv(vbroadcast(1.0f), vadd(vbroadcast(1.0f), vexp(vneg(x)))); }
 
