@@ -285,7 +285,11 @@ static RunResult experiment_run(const Experiment& ex, const std::string& regime,
     write_file(base + ".json", run_json(r));
     remove(state_path(base + ".safetensors").c_str());   // finished: the JSON and the checkpoint are what stays
     remove((base + ".curve.json").c_str());
-    return r;
+    // the run's result is its record as read back (rounded as written), so that a report made now
+    // equals one made later from the kept runs, digit for digit
+    RunResult kept;
+    if (!read_run_json(base + ".json", &kept)) INTERNAL("%s.json: cannot read back the record just written", base.c_str());
+    return kept;
 }
 
 // ---- tables over seeds
@@ -407,8 +411,8 @@ static std::string curves_report(const Experiment& ex, const std::string& regime
     double max_step = 1, max_flops = 1e-9;
     for (size_t ai = 0; ai < arms.size(); ai++) {
         std::vector<const RunResult*> runs;
-        for (auto& r : all)   // (v4's backbone is stage 1, on another step axis: not here)
-            if (r.regime == regime && r.arm == arms[ai] && r.arm != "backbone" && !r.curve_step.empty()) runs.push_back(&r);
+        for (auto& r : all)   // (v4's backbone is stage 1, on another step axis; eviction trains nothing: one point)
+            if (r.regime == regime && r.arm == arms[ai] && r.arm != "backbone" && r.curve_step.size() >= 2) runs.push_back(&r);
         if (runs.empty()) continue;
         std::vector<double> aid, aood;
         for (auto* r : runs) { aid.push_back(metric_of(*r, AREA_ID)); aood.push_back(metric_of(*r, AREA_OOD)); }

@@ -1394,6 +1394,7 @@ TEST_CASE("bt experiment: every arm runs, results.md and plots are written, a se
     printf("  %d runs in %.1f s; the second call reused them in %.1f s\n", runs, first, now_seconds() - t0);
     CHECK(std::filesystem::last_write_time(one) == stamp);   // not rerun, not rewritten
     CHECK(read_bytes(one) == before);
+    CHECK(read_bytes(dir + "/add/results.md") == md);   // the report from the kept runs is the one made after training
     std::filesystem::remove_all(dir);
 }
 
