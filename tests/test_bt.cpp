@@ -754,6 +754,30 @@ TEST_CASE("the batched decoder equals one Decoder per sequence bit for bit (vani
     }
 }
 
+// A batched decoder beside one lone Decoder per sequence, fed the same tokens in lock step;
+// who[j] is the sequence in batch slot j (a compaction drops slots: the caller updates who)
+struct LockStep {
+    const std::vector<std::vector<int>>& seqs;
+    std::vector<int> who;
+    BatchDecoder BD;
+    std::vector<Decoder> D;
+    LockStep(const Model& M, const std::vector<std::vector<int>>& s) : seqs(s), D(s.size()) {
+        int n = (int)s.size();
+        for (int i = 0; i < n; i++) who.push_back(i);
+        batch_init(BD, M, n);
+        batch_reset(BD, n);
+        for (Decoder& d : D) { decoder_init(d, M); decoder_reset(d); }
+    }
+    void feed(int t) {   // token t of every sequence still in the batch, to both
+        int B = BD.S.B;
+        std::vector<int> toks(B);
+        for (int j = 0; j < B; j++) toks[j] = seqs[who[j]][t];
+        batch_feed(BD, toks.data(), 1);
+        for (int j = 0; j < B; j++) decoder_feed(D[who[j]], &seqs[who[j]][t], 1);
+    }
+    Decoder& lone(int j) { return D[who[j]]; }
+};
+
 TEST_CASE("batched firing and compaction: every sequence's cache stays what it would be alone") {
     // 4 sequences fed one token list each, teacher-forced; newlines at 4, 8 (a), 8 (b), 4, 10 (c)
     // and 2, 8 (d). At 2, d fires alone (a group of 1 of 4, gathered); at 4, a and c together (2 of
@@ -767,22 +791,15 @@ TEST_CASE("batched firing and compaction: every sequence's cache stays what it w
     std::vector<std::vector<int>> seqs = {tokenize("1+2\n3=3\n#3$", "a"), tokenize("1*4-0+3\n1*4=4", "b"),
                                           tokenize("5-1\n5-1=4\n#4", "c"), tokenize("7\n7*1=7\n#7$", "d")};
     int n = 12;
-    std::vector<int> who = {0, 1, 2, 3};   // the sequence in each slot
-    BatchDecoder BD;
-    batch_init(BD, M, 4);
-    batch_reset(BD, 4);
-    std::vector<Decoder> D(4);
-    for (Decoder& d : D) { decoder_init(d, M); decoder_reset(d); }
+    LockStep ls(M, seqs);
+    BatchDecoder& BD = ls.BD;
     bool same = true;
     long W_att = (long)c.NH * c.T;
     for (int t = 0; t < n; t++) {
+        ls.feed(t);
         int B = BD.S.B;
-        std::vector<int> toks(B);
-        for (int j = 0; j < B; j++) toks[j] = seqs[who[j]][t];
-        batch_feed(BD, toks.data(), 1);
         for (int j = 0; j < B; j++) {
-            Decoder& d = D[who[j]];
-            decoder_feed(d, &seqs[who[j]][t], 1);
+            Decoder& d = ls.lone(j);
             same &= BD.seg_start[j] == d.seg_start;
             for (int l = 0; l < c.L; l++)
                 for (int p = 0; p <= t; p++) {
@@ -797,7 +814,7 @@ TEST_CASE("batched firing and compaction: every sequence's cache stays what it w
         if (t == 6) {   // b leaves
             std::vector<char> drop = {0, 1, 0, 0};
             batch_compact(BD, drop.data());
-            who = {0, 2, 3};
+            ls.who = {0, 2, 3};
             CHECK(BD.S.B == 3);
         }
     }
@@ -1902,27 +1919,17 @@ TEST_CASE("latent, batched: a sequence leaving the batch right before another's 
                                           tokenize(insert_pauses("1*4-0+3\n1*4=4", 2), "b"),
                                           tokenize(insert_pauses("5-1\n5-1=4\n#4", 2), "c")};
     // newlines at 4 (a, c); latent positions 5 and 6 for a and c; b leaves after position 4
-    std::vector<int> who = {0, 1, 2};
-    BatchDecoder BD;
-    batch_init(BD, M, 3);
-    batch_reset(BD, 3);
-    std::vector<Decoder> D(3);
-    for (Decoder& d : D) { decoder_init(d, M); decoder_reset(d); }
+    LockStep ls(M, seqs);
+    BatchDecoder& BD = ls.BD;
     bool same = true;
     for (int t = 0; t < 11; t++) {
-        int B = BD.S.B;
-        std::vector<int> toks(B);
-        for (int j = 0; j < B; j++) toks[j] = seqs[who[j]][t];
-        batch_feed(BD, toks.data(), 1);
-        for (int j = 0; j < B; j++) {
-            Decoder& d = D[who[j]];
-            decoder_feed(d, &seqs[who[j]][t], 1);
-            same &= memcmp(batch_logits(BD, j), d.S.logits + (long)t * c.V, sizeof(float) * c.V) == 0;
-        }
+        ls.feed(t);
+        for (int j = 0; j < BD.S.B; j++)
+            same &= memcmp(batch_logits(BD, j), ls.lone(j).S.logits + (long)t * c.V, sizeof(float) * c.V) == 0;
         if (t == 4) {   // b leaves; a and c read their position-4 states at position 5
             std::vector<char> drop = {0, 1, 0};
             batch_compact(BD, drop.data());
-            who = {0, 2};
+            ls.who = {0, 2};
         }
     }
     CHECK(seqs[0][5] == PAUSE);
