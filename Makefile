@@ -55,7 +55,7 @@ bt-build.tmp: FORCE
 	@echo '$(BT_BUILD)' | cmp -s - $@ || echo '$(BT_BUILD)' > $@
 
 # bt.cpp is the model program; lab/lab.cpp includes it and adds the lab (experiment, probe, bench)
-CORE_SRC = bt.cpp tensor.hpp io.hpp cli.hpp decode_batched.hpp
+CORE_SRC = bt.cpp tensor.hpp io.hpp cli.hpp device.hpp tasks.hpp decode_batched.hpp
 LAB_SRC  = lab/lab.cpp lab/svg.hpp lab/trace.cpp lab/claims.cpp lab/experiment.cpp lab/probe.cpp lab/bench.cpp
 
 bt: $(CORE_SRC) $(LAB_SRC) kernels.cu bt-build.tmp

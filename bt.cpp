@@ -1,4 +1,4 @@
-// bt.cpp -- the Bottlenecked Transformer (arXiv 2505.16950) in one file of plain C++.
+// bt.cpp -- the Bottlenecked Transformer (arXiv 2505.16950) in plain C++: the model program.
 //
 // A small Llama-style decoder (the backbone) plus a Cache Processor: one small non-causal
 // transformer block per backbone layer that rewrites the KV cache in place, through a gated
@@ -16,9 +16,15 @@
 // backward_sequence (the walk back with the undo log). Set a breakpoint on bottleneck_step and
 // watch S.acts[l].k change (README, "Stepping through the bottleneck step in gdb").
 //
-// Contents, top to bottom (beside it: tensor.hpp, every op forward and backward; io.hpp, errors,
-// files and safetensors; cli.hpp, flags and commands; kernels.cu, the ops on a GPU):
-//   small utilities, Rng, Carver ............... where the ops run (OP: CPU, or --device cuda)
+// Beside it: tensor.hpp (every op, forward and backward, in plain loops), io.hpp (errors, files,
+// safetensors), cli.hpp (flags, commands, typed run settings), device.hpp (where the ops run),
+// tasks.hpp (the four tasks as text), decode_batched.hpp (the fast decoder evaluation uses) and
+// kernels.cu (the ops on a GPU). lab/lab.cpp includes this file and adds bt experiment, bt probe
+// and bt bench (make builds that).
+//
+// Contents, top to bottom:
+//   small utilities, Rng, Carver
+//   where the ops run .......................... OP(): the CPU, or --device cuda (device.hpp)
 //   vocabulary ................................. 48 tokens, one per character
 //   config ..................................... sizes; CONFIG_KEYS: every key, flag and range once
 //   parameters ................................. one table of every tensor; init; the model
@@ -30,13 +36,12 @@
 //                                                and its backward, layer by layer, from the undo log
 //   training through time ...................... segment_bounds, forward_sequence, backward_sequence
 //   optimizer .................................. AdamW, warmup and cosine, clipping
-//   tasks and data ............................. chain, add, var, mul; example files; batches
+//   tasks and data ............................. batches and the training stream (the tasks: tasks.hpp)
 //   decoding ................................... Decoder (the reference), generate, --trace, eviction
-//   the batched decoder ........................ decode_batched.hpp (the fast path bt eval uses)
+//   the batched decoder ........................ decode_batched.hpp: the fast path, and the threads
 //   evaluation ................................. evaluate: greedy answers line by line
 //   checkpoints ................................ save_model, load_model (safetensors + metadata)
 //   command line ............................... bt train (and --resume), eval, generate, score; main
-// lab/lab.cpp includes this file and adds bt experiment, bt probe and bt bench (make builds that).
 #include <algorithm>
 #include <chrono>
 #include <cstdarg>
@@ -46,7 +51,6 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
-#include <optional>
 #include <memory>
 #include <set>
 #include <sstream>
@@ -58,19 +62,6 @@
 #include "tensor.hpp"
 #include "io.hpp"       // errors (BtError), strf, files, a JSON reader, safetensors
 #include "cli.hpp"      // flags, parsed arguments, the table of commands
-
-// --device cuda: a build with CUDA (make USE_CUDA=1: nvcc and -DUSE_CUDA) also compiles kernels.cu,
-// whose launchers cuda::<op> take the arguments of the ops in tensor.hpp (and of the processor's
-// steps below), as device pointers. tests/test_kernels.cpp defines BT_DEVICE itself and compiles
-// kernels.cu with g++ through tests/cuda_on_cpu.hpp, so the device path runs in make test too.
-#if defined(USE_CUDA) || defined(__CUDACC__)
-#ifndef BT_DEVICE
-#define BT_DEVICE
-#endif
-#endif
-#ifdef BT_DEVICE
-#include "kernels.cu"
-#endif
 
 // =============================================================================================
 // Small utilities (errors, strf and files are in io.hpp)
@@ -112,76 +103,12 @@ struct Carver {
 };
 
 // =============================================================================================
-// Where the ops run: the CPU, or a CUDA device (--device cuda)
-//
-// Every op call of the model goes through OP(): OP(matmul_forward(out, inp, W, WT, N, IC, OC)) runs
-// tensor.hpp's matmul_forward, or under --device cuda kernels.cu's cuda::matmul_forward with the
-// same arguments. Without CUDA compiled in, OP(call) is just the call. There is one copy of the
-// model's code (block_forward, bottleneck_step, forward_sequence, ...) for both.
-// On the device, the buffers the ops touch (weights, gradients, AdamW moments, activations, the KV
-// cache, the undo log) live in device memory. The few numbers the host needs (tokens in; the loss,
-// logits and gradient norm out) go through to_device / to_host: explicit copies on the device,
-// nothing at all on the CPU, where the host's copy and the ops' buffer are the same memory.
+// Where the ops run (device.hpp): every op call of the model goes through OP(), which runs
+// tensor.hpp's op, or under --device cuda kernels.cu's op with the same arguments. There is one
+// copy of the model's code for both; to_device / to_host copy the few numbers the host needs
+// (nothing at all on the CPU).
 // =============================================================================================
-#ifdef BT_DEVICE
-static bool g_device = false;   // --device cuda (tests switch it on around a device run)
-#define OP(call) (g_device ? cuda::call : ::call)
-#else
-static const bool g_device = false;
-#define OP(call) ::call
-#endif
-
-// Device memory owned by a Model or a RunState, freed with it. Empty on the CPU.
-struct DeviceMem {
-    void* p = nullptr;
-    DeviceMem() = default;
-    DeviceMem(const DeviceMem&) = delete;
-    DeviceMem& operator=(const DeviceMem&) = delete;
-    ~DeviceMem() { release(); }
-    void alloc(size_t bytes);   // replaces what it held; the new memory is zeroed
-    void release();
-};
-#ifdef BT_DEVICE
-void DeviceMem::alloc(size_t bytes) {
-    release();
-    cudaCheck(cudaMalloc(&p, bytes ? bytes : 1));
-    cudaCheck(cudaMemset(p, 0, bytes));
-}
-void DeviceMem::release() {
-    if (p) cudaCheck(cudaFree(p));
-    p = nullptr;
-}
-#else
-void DeviceMem::alloc(size_t) { INTERNAL("this bt was built without CUDA (make USE_CUDA=1)"); }
-void DeviceMem::release() {}
-#endif
-
-// copy bytes from the host to the ops' buffer, from an ops' buffer to the host, or between two
-// ops' buffers: cudaMemcpy with a device, memcpy without one
-enum CopyDir { HOST_TO_DEVICE, DEVICE_TO_HOST, DEVICE_TO_DEVICE };
-static void copy_bytes(void* dst, const void* src, size_t bytes, CopyDir dir) {
-#ifdef BT_DEVICE
-    static const cudaMemcpyKind kind[] = {cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice};
-    cudaCheck(cudaMemcpy(dst, src, bytes, kind[dir]));
-#else
-    (void)dir;
-    memcpy(dst, src, bytes);
-#endif
-}
-// On the CPU dst == src for these two (the host copy IS the buffer): nothing to do.
-static void to_device(void* dst, const void* src, size_t bytes) {
-    if (dst != src && bytes) copy_bytes(dst, src, bytes, HOST_TO_DEVICE);
-}
-static void to_host(void* dst, const void* src, size_t bytes) {
-    if (dst != src && bytes) copy_bytes(dst, src, bytes, DEVICE_TO_HOST);
-}
-static void device_copy(void* dst, const void* src, size_t bytes) { copy_bytes(dst, src, bytes, DEVICE_TO_DEVICE); }
-// wait for the device's queued work (timings); nothing to wait for on the CPU
-[[maybe_unused]] static void device_sync() {
-#ifdef BT_DEVICE
-    if (g_device) cudaCheck(cudaDeviceSynchronize());
-#endif
-}
+#include "device.hpp"
 
 // =============================================================================================
 // Vocabulary: one token per character, plus PAD and BOS (tests/MODEL_SPEC.md)
@@ -1243,182 +1170,10 @@ static float optimizer_step(Model& M, const OptConfig& o, int t, const TrainMode
 static void zero_grads(Model& M) { OP(zero(live(M.grads, M.dev_grads), M.n_params)); }
 
 // =============================================================================================
-// Tasks: synthetic arithmetic, one reasoning step per line (README, "Tasks"). An example's text is
-// "question\nline\n...\n#answer$" (no BOS). The size of an example is its number of steps.
+// Tasks and data (tasks.hpp: the generators, the held-out split, example files). Here: batches,
+// and the training stream that draws them.
 // =============================================================================================
-enum Task { TASK_CHAIN, TASK_ADD, TASK_VAR, TASK_MUL, TASK_FILE };
-struct TaskInfo { const char* name; int train_lo, train_hi, ood_lo, ood_hi; };
-static const TaskInfo TASKS[] = {
-    {"chain", 2, 8, 9, 16},   // n operations mod 10
-    {"add", 1, 6, 7, 12},     // n-digit + n-digit, one column per line
-    {"var", 2, 6, 8, 12},     // chain depth, with distractors
-    {"mul", 1, 3, 4, 5},      // n-digit x n-digit, one line per digit of the multiplier
-};
-static const int N_TASKS = 4;
-
-static Task parse_task(const std::string& s) {
-    for (int i = 0; i < N_TASKS; i++)
-        if (s == TASKS[i].name) return (Task)i;
-    BAD_INPUT("unknown task '%s' (expected chain, add, var or mul)", s.c_str());
-}
-
-static int apply_op(int a, char op, int d) {
-    int r = op == '+' ? a + d : op == '-' ? a - d : a * d;
-    return ((r % 10) + 10) % 10;
-}
-
-// chain: "1*4-0+3\n1*4=4\n4-0=4\n4+3=7\n#7$"
-static std::string gen_chain(Rng& r, int n) {
-    int a = r.randint(0, 9);
-    std::string q = std::to_string(a), lines;
-    for (int i = 0; i < n; i++) {
-        char op = "+-*"[r.randint(0, 2)];
-        int d = r.randint(0, 9), res = apply_op(a, op, d);
-        q += op + std::to_string(d);
-        lines += "\n" + std::to_string(a) + op + std::to_string(d) + "=" + std::to_string(res);
-        a = res;
-    }
-    return q + lines + "\n#" + std::to_string(a) + "$";
-}
-
-// add, digits least-significant first: "891+721\n8+7+0=5,1\n9+2+1=2,1\n1+1+1=3,0\n#523$"
-// (a final carry of 1 becomes one more answer digit)
-static std::string gen_add(Rng& r, int n) {
-    std::vector<int> a(n), b(n);
-    for (int i = 0; i < n; i++) a[i] = r.randint(0, 9);
-    for (int i = 0; i < n; i++) b[i] = r.randint(0, 9);
-    std::string q, lines, ans;
-    for (int i = 0; i < n; i++) q += (char)('0' + a[i]);
-    q += '+';
-    for (int i = 0; i < n; i++) q += (char)('0' + b[i]);
-    int carry = 0;
-    for (int i = 0; i < n; i++) {
-        int s = a[i] + b[i] + carry;
-        lines += strf("\n%d+%d+%d=%d,%d", a[i], b[i], carry, s % 10, s / 10);
-        ans += (char)('0' + s % 10);
-        carry = s / 10;
-    }
-    if (carry) ans += '1';
-    return q + lines + "\n#" + ans + "$";
-}
-
-// var: "t=b+0;a=o-2;q=x+7;o=q*4;x=0\nx=0\nq=x+7=7\no=q*4=8\na=o-2=6\n#6$"
-// A chain of `depth` assignments from a constant, shuffled among distractors whose right-hand
-// variable is never defined. 2 distractors up to depth 7, 4 beyond (the OOD sizes).
-static std::string gen_var(Rng& r, int depth) {
-    int nd = depth <= 7 ? 2 : 4;
-    if (depth + 2 * nd > 26) BAD_INPUT("var depth %d needs more than the 26 letters (at most 18)", depth);
-    std::string letters = "abcdefghijklmnopqrstuvwxyz";
-    for (int i = 25; i > 0; i--) std::swap(letters[i], letters[r.randint(0, i)]);
-    std::vector<std::string> assigns;
-    std::string lines;
-    int val = r.randint(0, 9);
-    assigns.push_back(strf("%c=%d", letters[0], val));
-    lines += strf("\n%c=%d", letters[0], val);
-    for (int i = 1; i < depth; i++) {
-        char op = "+-*"[r.randint(0, 2)];
-        int d = r.randint(0, 9);
-        val = apply_op(val, op, d);
-        assigns.push_back(strf("%c=%c%c%d", letters[i], letters[i - 1], op, d));
-        lines += strf("\n%c=%c%c%d=%d", letters[i], letters[i - 1], op, d, val);
-    }
-    for (int i = 0; i < nd; i++)
-        assigns.push_back(strf("%c=%c%c%d", letters[depth + 2 * i], letters[depth + 2 * i + 1], "+-*"[r.randint(0, 2)],
-                               r.randint(0, 9)));
-    for (int i = (int)assigns.size() - 1; i > 0; i--) std::swap(assigns[i], assigns[r.randint(0, i)]);
-    std::string q;
-    for (size_t i = 0; i < assigns.size(); i++) q += (i ? ";" : "") + assigns[i];
-    return q + lines + "\n#" + std::to_string(val) + "$";
-}
-
-// mul, numbers least-significant digit first: "21*43\n840,840\n0630,8040\n#8040$" is 12 x 34.
-// Line i holds the shifted partial product a * b_i * 10^i and the running sum, each written with
-// n+1+i digits (zeros fill the high end), so every example of a size has the same layout; the
-// answer has 2n digits.
-static std::string digits_lsb(uint64_t x, int width) {
-    std::string s;
-    for (int i = 0; i < width; i++, x /= 10) s += (char)('0' + x % 10);
-    return s;
-}
-static std::string gen_mul(Rng& r, int n) {
-    std::string qa, qb;
-    uint64_t a = 0, b = 0, p10 = 1;
-    for (int i = 0; i < n; i++, p10 *= 10) {
-        int da = r.randint(0, 9), db = r.randint(0, 9);
-        qa += (char)('0' + da); qb += (char)('0' + db);
-        a += da * p10; b += db * p10;
-    }
-    std::string lines;
-    uint64_t sum = 0, shift = 1;
-    for (int i = 0; i < n; i++, shift *= 10) {
-        uint64_t part = a * (uint64_t)(qb[i] - '0') * shift;
-        sum += part;
-        lines += "\n" + digits_lsb(part, n + 1 + i) + "," + digits_lsb(sum, n + 1 + i);
-    }
-    return qa + "*" + qb + lines + "\n#" + digits_lsb(sum, 2 * n) + "$";
-}
-
-static std::string question_of(const std::string& text) { return text.substr(0, text.find('\n')); }
-
-// Held-out split: a question whose FNV-1a hash is 0 mod 8 is for evaluation only; the training
-// stream never contains it, so the two splits are disjoint by construction.
-static bool is_eval_question(const std::string& q) {
-    uint64_t h = 1469598103934665603ull;
-    for (char ch : q) h = (h ^ (unsigned char)ch) * 1099511628211ull;
-    return h % 8 == 0;
-}
-
-static std::string gen_example(Task task, Rng& r, int size, bool eval_split) {
-    for (;;) {
-        std::string t = task == TASK_CHAIN ? gen_chain(r, size) : task == TASK_ADD ? gen_add(r, size)
-                       : task == TASK_VAR   ? gen_var(r, size) : gen_mul(r, size);
-        if (is_eval_question(question_of(t)) == eval_split) return t;
-    }
-}
-
-// ---- examples from a text file: one example per block of lines, blocks separated by a blank line
-struct Example { std::string text; int size; };
-
-
-// Examples in the task text format, separated by blank lines. path only names the source in errors.
-static std::vector<Example> parse_examples(const std::string& text, const std::string& path) {
-    std::istringstream f(text);
-    std::vector<Example> out;
-    std::vector<std::string> cur;
-    int lineno = 0, start = 1;
-    std::string line;
-    auto finish = [&]() {
-        if (cur.empty()) return;
-        if (cur.size() < 2)
-            BAD_INPUT("%s: line %d: an example needs a question line and an answer line '#...$'", path.c_str(), start);
-        const std::string& last = cur.back();
-        if (last.size() < 3 || last[0] != '#' || last.back() != '$')
-            BAD_INPUT("%s: line %d: the last line of an example must look like '#<answer>$', got '%s'", path.c_str(),
-                      start + (int)cur.size() - 1, last.c_str());
-        std::string text;
-        for (size_t i = 0; i < cur.size(); i++) text += (i ? "\n" : "") + cur[i];
-        out.push_back({text, (int)cur.size() - 2});
-        cur.clear();
-    };
-    while (std::getline(f, line)) {
-        lineno++;
-        if (!line.empty() && line.back() == '\r') line.pop_back();
-        if (line.empty()) { finish(); continue; }
-        for (size_t i = 0; i < line.size(); i++)
-            if (char_to_token(line[i]) < 0 || line[i] == '\n')
-                BAD_INPUT("%s: line %d, column %d: character '%c' (byte 0x%02x) is not in the vocabulary", path.c_str(),
-                          lineno, (int)i + 1, line[i], (unsigned char)line[i]);
-        if (cur.empty()) start = lineno;
-        cur.push_back(line);
-    }
-    finish();
-    if (out.empty()) BAD_INPUT("%s: no examples found (examples are separated by blank lines)", path.c_str());
-    return out;
-}
-
-static std::vector<Example> read_examples(const std::string& path) {
-    return parse_examples(read_file(path, "data file"), path);
-}
+#include "tasks.hpp"
 
 // ---- batches: B examples with the same layout, time-major into S.tokens, PAD after the end
 // Returns T. All sequences must have their newlines at the same positions.
@@ -1737,7 +1492,8 @@ static void trace_rewrite(Decoder& D, int s, int e) {
 
 // =============================================================================================
 // The batched decoder (decode_batched.hpp): B sequences in one run state, lock-step by position,
-// the same bits per sequence as a Decoder; evaluation below runs it.
+// the same bits per sequence as a Decoder; and generate_batched / generate_each, which spread
+// evaluation's examples over the threads (one Decoder per thread for eviction and the device).
 // =============================================================================================
 #include "decode_batched.hpp"
 
@@ -1778,122 +1534,6 @@ static void eval_one(EvalResult& R, const std::string& want, const std::string& 
     }
 }
 
-// Run work(i, thread, ctx) for i in [0,n) over `threads` OpenMP threads (dynamically: items take
-// different times). An exception may not leave an OpenMP region: the first is kept and rethrown.
-static void for_each_item(int n, int threads, void (*work)(int, int, void*), void* ctx) {
-    std::string error;
-    int error_code = 0;
-    (void)threads;   // without OpenMP: one thread
-    #pragma omp parallel num_threads(threads) if (threads > 1)
-    {
-        int thread = 0;
-#ifdef _OPENMP
-        thread = omp_get_thread_num();
-#endif
-        #pragma omp for schedule(dynamic)
-        for (int i = 0; i < n; i++) {
-            if (error_code) continue;
-            try {
-                work(i, thread, ctx);
-            } catch (BtError& e) {
-                #pragma omp critical
-                if (!error_code) { error_code = e.code; error = e.what(); }
-            } catch (std::exception& e) {
-                #pragma omp critical
-                if (!error_code) { error_code = 1; error = e.what(); }
-            }
-        }
-    }
-    if (error_code) throw BtError(error_code, error);
-}
-static int max_threads() {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
-
-// ---- one Decoder per thread, one example at a time: the path for eviction and the device (one
-// thread there: kernels.cu is launched from one host thread at a time)
-struct EachCtx { std::vector<Decoder>* D; const std::vector<std::string>* texts; std::vector<std::string>* outs; };
-static void generate_one(int i, int thread, void* ctx) {
-    EachCtx& x = *(EachCtx*)ctx;
-    (*x.outs)[i] = generate((*x.D)[thread], question_of((*x.texts)[i]) + "\n");
-}
-static void generate_each(std::vector<std::string>& outs, const Model& M, const std::vector<std::string>& texts,
-                          int evict) {
-    int threads = g_device ? 1 : std::max(1, std::min(max_threads(), (int)texts.size()));
-    std::vector<Decoder> D(threads);
-    for (Decoder& d : D) decoder_init(d, M, evict);
-    EachCtx x{&D, &texts, &outs};
-    for_each_item((int)texts.size(), threads, generate_one, &x);
-}
-
-// ---- batched: the examples go, in order, into batches of B <= EVAL_BATCH, the last maybe
-// shorter (100 on 2 threads: 16 of 6 and one of 4), for the threads to share; each thread
-// decodes its batches with its own batched decoder, whose ops run on that thread alone. Not one
-// batch across the threads: a decoding step's ops are small (6 rows x 128 x 128 is far below
-// PAR_MIN), and a parallel region per op loses badly to another process on the same cores.
-// 6 sequences: bt eval's chain sets (100 per size, sizes 2..16) on 2 threads took 2.25-2.36 s
-// and 1.60-1.68 s in batches of 6 (a trained model with a processor, and its vanilla backbone),
-// 2.5-2.6 s and 1.8 s in batches of 4, 8 or 12, and 3.1-3.2 s and 2.3 s one sequence at a
-// time: more rows per matmul pay less than a batch's cache (B x the positions written so far,
-// every layer) costs once it no longer stays close to the core.
-static const int EVAL_BATCH = 6;
-
-// The batched decoders of evaluate, one per thread. bt eval keeps them across its sizes: a run
-// state is about 16 MB per sequence (max_seq_len 256), and building one costs about as much as
-// decoding a small size. Reused, they take the model's weights again (it may have been trained).
-struct EvalDecoders {
-    int B = 0;                            // sequences per decoder
-    Config cfg;                           // the config they were built for
-    std::vector<BatchDecoder> per_thread;
-};
-
-struct BatchCtx {
-    EvalDecoders* E; const std::vector<std::string>* texts; std::vector<std::string>* outs; int B;
-};
-static void generate_batch(int i, int thread, void* ctx) {
-    BatchCtx& x = *(BatchCtx*)ctx;
-    int n = (int)x.texts->size(), i0 = i * x.B, i1 = std::min(n, i0 + x.B);
-    std::vector<std::string> prompts;
-    for (int j = i0; j < i1; j++) prompts.push_back(question_of((*x.texts)[j]) + "\n");
-    std::vector<std::string> got = batch_generate(x.E->per_thread[thread], prompts);
-    for (int j = i0; j < i1; j++) (*x.outs)[j] = got[j - i0];
-}
-// n examples into batches: B sequences each (at most EVAL_BATCH, and at least one batch per
-// thread), decoded by `threads` decoders; returns the number of batches
-static int eval_batches(int n, int* B, int* threads) {
-    int th = std::max(1, std::min(max_threads(), n));
-    int n_batches = std::max(th, (n + EVAL_BATCH - 1) / EVAL_BATCH);
-    *B = (n + n_batches - 1) / n_batches;
-    n_batches = (n + *B - 1) / *B;
-    *threads = std::min(th, n_batches);
-    return n_batches;
-}
-
-static void generate_batched(std::vector<std::string>& outs, const Model& M, const std::vector<std::string>& texts,
-                             EvalDecoders* keep = nullptr) {
-    int n = (int)texts.size();
-    if (n == 0) return;
-    int B = 0, threads = 0, n_batches = eval_batches(n, &B, &threads);
-    EvalDecoders fresh;
-    EvalDecoders& E = keep ? *keep : fresh;
-    // Config is plain ints and floats: memcmp compares every field
-    bool reuse = E.B == B && (int)E.per_thread.size() >= threads && memcmp(&E.cfg, &M.cfg, sizeof(Config)) == 0;
-    if (reuse) {
-        for (BatchDecoder& BD : E.per_thread) { BD.M = &M; transpose_weights(M, BD.wt_mem, BD.wt); }
-    } else {
-        E.per_thread = std::vector<BatchDecoder>(threads);
-        E.B = B;
-        E.cfg = M.cfg;
-        for (BatchDecoder& BD : E.per_thread) batch_init(BD, M, B);
-    }
-    BatchCtx x{&E, &texts, &outs, B};
-    for_each_item(n_batches, threads, generate_batch, &x);
-}
-
 // Evaluate on examples (text with the full reference): batched, except for eviction and the
 // device. keep: batched decoders to reuse (and leave built) across calls, or nullptr.
 static EvalResult evaluate(const Model& M, const std::vector<std::string>& texts, int evict = 0,
@@ -1907,14 +1547,6 @@ static EvalResult evaluate(const Model& M, const std::vector<std::string>& texts
     return R;
 }
 
-static std::vector<std::string> eval_set(Task task, int size, int count, uint64_t seed) {
-    Rng r(seed * 1000003ull + size);
-    std::vector<std::string> out;
-    for (int i = 0; i < count; i++) out.push_back(gen_example(task, r, size, true));
-    return out;
-}
-
-// =============================================================================================
 // Checkpoints: safetensors. 8-byte little-endian header length N, N bytes of JSON
 //   {"__metadata__": {"d_model": "128", ...}, "tok_emb": {"dtype": "F32", "shape": [48,128],
 //    "data_offsets": [0, 24576]}, ...}
@@ -2052,35 +1684,6 @@ static const FlagSpec CORE_FLAGS[] = {
     {"evict", "0", "H2O-style eviction: at each newline keep this many older cache entries (0: off)"},
     {"device", "cpu", "cpu | cuda: where the ops run (cuda: kernels.cu on the GPU, from make USE_CUDA=1)"},
 };
-
-// the GPU's name (the emulation in tests/cuda_on_cpu.hpp names itself)
-[[maybe_unused]] static std::string device_name() {
-#ifdef BT_DEVICE
-    cudaDeviceProp prop;
-    cudaCheck(cudaGetDeviceProperties(&prop, 0));
-    return prop.name;
-#else
-    return "none";
-#endif
-}
-
-// --device cpu | cuda: cuda sends every op through kernels.cu (OP) and puts the buffers on the GPU.
-// Call before any model or run state is built.
-static void use_device(const Args& a) {
-    std::string d = a.str("device");
-    if (d == "cpu") return;
-    if (d != "cuda") BAD_INPUT("--device must be cpu or cuda, got '%s'", d.c_str());
-#ifndef BT_DEVICE
-    BAD_INPUT("this bt was built without CUDA: --device cuda needs a build with make USE_CUDA=1");
-#else
-    int n = 0;
-    cudaError_t err = cudaGetDeviceCount(&n);
-    if (err != cudaSuccess || n == 0)
-        BAD_INPUT("--device cuda: no CUDA GPU found (%s); use --device cpu",
-                  err != cudaSuccess ? cudaGetErrorString(err) : "0 devices");
-    g_device = true;
-#endif
-}
 
 static std::string build_flags() {
     std::string s = "fp32";
@@ -2385,43 +1988,7 @@ static void train_steps(TrainRun& R, int until) {
     }
 }
 
-// ---- a training run's settings, typed: the experiment, the bench and the tests start runs with one
-// of these instead of a command line. Each field is the bt train flag of its name (d_model is
-// --d-model); an unset field takes the flag's default. What is set is what "given" means on the
-// command line: --resume keeps exactly those, and with --init the processor's settings come from
-// the checkpoint unless set.
-struct TrainSpec {
-    std::optional<std::string> model, task, data, init, out, resume, schedule, bptt;
-    std::optional<int> steps, batch, warmup, seed, d_model, layers, heads, ffn, max_seq_len;
-    std::optional<int> proc_width, proc_layers, proc_heads, proc_ffn, k, pause, latent, log_every, save_every;
-    std::optional<double> lr, wd, clip;
-    bool joint = false;
-};
-
-// the Args bt train's command line would give for t: every flag's default, then the fields set
-static Args spec_args(const TrainSpec& t) {
-    using S = TrainSpec;
-    static const std::pair<const char*, std::optional<std::string> S::*> TEXT[] = {
-        {"model", &S::model}, {"task", &S::task}, {"data", &S::data}, {"init", &S::init}, {"out", &S::out},
-        {"resume", &S::resume}, {"schedule", &S::schedule}, {"bptt", &S::bptt}};
-    static const std::pair<const char*, std::optional<int> S::*> INT[] = {
-        {"steps", &S::steps}, {"batch", &S::batch}, {"warmup", &S::warmup}, {"seed", &S::seed},
-        {"d-model", &S::d_model}, {"layers", &S::layers}, {"heads", &S::heads}, {"ffn", &S::ffn},
-        {"max-seq-len", &S::max_seq_len}, {"proc-width", &S::proc_width}, {"proc-layers", &S::proc_layers},
-        {"proc-heads", &S::proc_heads}, {"proc-ffn", &S::proc_ffn}, {"k", &S::k}, {"pause", &S::pause},
-        {"latent", &S::latent}, {"log-every", &S::log_every}, {"save-every", &S::save_every}};
-    static const std::pair<const char*, std::optional<double> S::*> REAL[] = {
-        {"lr", &S::lr}, {"wd", &S::wd}, {"clip", &S::clip}};
-    Args a;
-    a.cmd = "train";
-    for (auto& fs : g_flags) a.v[fs.name] = fs.def;
-    auto set = [&](const char* name, const std::string& v) { a.v[name] = v; a.given.insert(name); };
-    for (auto& f : TEXT) if (t.*f.second) set(f.first, *(t.*f.second));
-    for (auto& f : INT) if (t.*f.second) set(f.first, std::to_string(*(t.*f.second)));
-    for (auto& f : REAL) if (t.*f.second) set(f.first, strf("%.17g", *(t.*f.second)));
-    if (t.joint) set("joint", "1");
-    return a;
-}
+// a run from typed settings (cli.hpp's TrainSpec), as bt train's command line would give them
 static void train_setup(TrainRun& R, const TrainSpec& t) { train_setup(R, spec_args(t)); }
 
 static void cmd_train(const Args& a) {

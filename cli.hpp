@@ -3,6 +3,7 @@
 #pragma once
 #include <cmath>
 #include <map>
+#include <optional>
 #include <set>
 #include <sstream>
 #include <string>
@@ -90,4 +91,42 @@ static const Command* parse_args(Args& a, int argc, char** argv) {
         a.given.insert(name);
     }
     return cmd;
+}
+
+// A training run's settings, typed: the experiment, the bench and the tests start runs with one
+// of these instead of a command line. Each field is the bt train flag of its name (d_model is
+// --d-model); an unset field takes the flag's default. What is set is what "given" means on the
+// command line: --resume keeps exactly those, and with --init the processor's settings come from
+// the checkpoint unless set.
+struct TrainSpec {
+    std::optional<std::string> model, task, data, init, out, resume, schedule, bptt;
+    std::optional<int> steps, batch, warmup, seed, d_model, layers, heads, ffn, max_seq_len;
+    std::optional<int> proc_width, proc_layers, proc_heads, proc_ffn, k, pause, latent, log_every, save_every;
+    std::optional<double> lr, wd, clip;
+    bool joint = false;
+};
+
+// the Args bt train's command line would give for t: every flag's default, then the fields set
+static Args spec_args(const TrainSpec& t) {
+    using S = TrainSpec;
+    static const std::pair<const char*, std::optional<std::string> S::*> TEXT[] = {
+        {"model", &S::model}, {"task", &S::task}, {"data", &S::data}, {"init", &S::init}, {"out", &S::out},
+        {"resume", &S::resume}, {"schedule", &S::schedule}, {"bptt", &S::bptt}};
+    static const std::pair<const char*, std::optional<int> S::*> INT[] = {
+        {"steps", &S::steps}, {"batch", &S::batch}, {"warmup", &S::warmup}, {"seed", &S::seed},
+        {"d-model", &S::d_model}, {"layers", &S::layers}, {"heads", &S::heads}, {"ffn", &S::ffn},
+        {"max-seq-len", &S::max_seq_len}, {"proc-width", &S::proc_width}, {"proc-layers", &S::proc_layers},
+        {"proc-heads", &S::proc_heads}, {"proc-ffn", &S::proc_ffn}, {"k", &S::k}, {"pause", &S::pause},
+        {"latent", &S::latent}, {"log-every", &S::log_every}, {"save-every", &S::save_every}};
+    static const std::pair<const char*, std::optional<double> S::*> REAL[] = {
+        {"lr", &S::lr}, {"wd", &S::wd}, {"clip", &S::clip}};
+    Args a;
+    a.cmd = "train";
+    for (auto& fs : g_flags) a.v[fs.name] = fs.def;
+    auto set = [&](const char* name, const std::string& v) { a.v[name] = v; a.given.insert(name); };
+    for (auto& f : TEXT) if (t.*f.second) set(f.first, *(t.*f.second));
+    for (auto& f : INT) if (t.*f.second) set(f.first, std::to_string(*(t.*f.second)));
+    for (auto& f : REAL) if (t.*f.second) set(f.first, strf("%.17g", *(t.*f.second)));
+    if (t.joint) set("joint", "1");
+    return a;
 }

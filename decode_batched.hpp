@@ -1,6 +1,8 @@
 // decode_batched.hpp -- the batched decoder, included by bt.cpp after its Decoder (it uses the run
 // state, backbone_forward and bottleneck_step like the Decoder does). bt.cpp's Decoder is the
 // reference it is tested against, bit for bit; evaluate (bt eval, the experiment) uses this one.
+// At the end: how evaluate spreads many examples over the threads (generate_batched, and
+// generate_each for eviction and the device).
 // =============================================================================================
 // The batched decoder: B sequences decode in one pass, lock-step by position.
 // Row t*B+b of its run state holds sequence b's token at position t (the layout training uses),
@@ -259,4 +261,124 @@ static std::vector<std::string> batch_generate(BatchDecoder& BD, const std::vect
             }
     }
     return out;
+}
+
+// =============================================================================================
+// Many examples over the threads (evaluate): each thread decodes its share with decoders of its
+// own, whose ops run on that thread alone.
+// =============================================================================================
+// Run work(i, thread, ctx) for i in [0,n) over `threads` OpenMP threads (dynamically: items take
+// different times). An exception may not leave an OpenMP region: the first is kept and rethrown.
+static void for_each_item(int n, int threads, void (*work)(int, int, void*), void* ctx) {
+    std::string error;
+    int error_code = 0;
+    (void)threads;   // without OpenMP: one thread
+    #pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        int thread = 0;
+#ifdef _OPENMP
+        thread = omp_get_thread_num();
+#endif
+        #pragma omp for schedule(dynamic)
+        for (int i = 0; i < n; i++) {
+            if (error_code) continue;
+            try {
+                work(i, thread, ctx);
+            } catch (BtError& e) {
+                #pragma omp critical
+                if (!error_code) { error_code = e.code; error = e.what(); }
+            } catch (std::exception& e) {
+                #pragma omp critical
+                if (!error_code) { error_code = 1; error = e.what(); }
+            }
+        }
+    }
+    if (error_code) throw BtError(error_code, error);
+}
+static int max_threads() {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+// ---- one Decoder per thread, one example at a time: the path for eviction and the device (one
+// thread there: kernels.cu is launched from one host thread at a time)
+struct EachCtx { std::vector<Decoder>* D; const std::vector<std::string>* texts; std::vector<std::string>* outs; };
+static void generate_one(int i, int thread, void* ctx) {
+    EachCtx& x = *(EachCtx*)ctx;
+    (*x.outs)[i] = generate((*x.D)[thread], question_of((*x.texts)[i]) + "\n");
+}
+static void generate_each(std::vector<std::string>& outs, const Model& M, const std::vector<std::string>& texts,
+                          int evict) {
+    int threads = g_device ? 1 : std::max(1, std::min(max_threads(), (int)texts.size()));
+    std::vector<Decoder> D(threads);
+    for (Decoder& d : D) decoder_init(d, M, evict);
+    EachCtx x{&D, &texts, &outs};
+    for_each_item((int)texts.size(), threads, generate_one, &x);
+}
+
+// ---- batched: the examples go, in order, into batches of B <= EVAL_BATCH, the last maybe
+// shorter (100 on 2 threads: 16 of 6 and one of 4), for the threads to share; each thread
+// decodes its batches with its own batched decoder, whose ops run on that thread alone. Not one
+// batch across the threads: a decoding step's ops are small (6 rows x 128 x 128 is far below
+// PAR_MIN), and a parallel region per op loses badly to another process on the same cores.
+// 6 sequences: bt eval's chain sets (100 per size, sizes 2..16) on 2 threads took 2.25-2.36 s
+// and 1.60-1.68 s in batches of 6 (a trained model with a processor, and its vanilla backbone),
+// 2.5-2.6 s and 1.8 s in batches of 4, 8 or 12, and 3.1-3.2 s and 2.3 s one sequence at a
+// time: more rows per matmul pay less than a batch's cache (B x the positions written so far,
+// every layer) costs once it no longer stays close to the core.
+static const int EVAL_BATCH = 6;
+
+// The batched decoders of evaluate, one per thread. bt eval keeps them across its sizes: a run
+// state is about 16 MB per sequence (max_seq_len 256), and building one costs about as much as
+// decoding a small size. Reused, they take the model's weights again (it may have been trained).
+struct EvalDecoders {
+    int B = 0;                            // sequences per decoder
+    Config cfg;                           // the config they were built for
+    std::vector<BatchDecoder> per_thread;
+};
+
+struct BatchCtx {
+    EvalDecoders* E; const std::vector<std::string>* texts; std::vector<std::string>* outs; int B;
+};
+static void generate_batch(int i, int thread, void* ctx) {
+    BatchCtx& x = *(BatchCtx*)ctx;
+    int n = (int)x.texts->size(), i0 = i * x.B, i1 = std::min(n, i0 + x.B);
+    std::vector<std::string> prompts;
+    for (int j = i0; j < i1; j++) prompts.push_back(question_of((*x.texts)[j]) + "\n");
+    std::vector<std::string> got = batch_generate(x.E->per_thread[thread], prompts);
+    for (int j = i0; j < i1; j++) (*x.outs)[j] = got[j - i0];
+}
+// n examples into batches: B sequences each (at most EVAL_BATCH, and at least one batch per
+// thread), decoded by `threads` decoders; returns the number of batches
+static int eval_batches(int n, int* B, int* threads) {
+    int th = std::max(1, std::min(max_threads(), n));
+    int n_batches = std::max(th, (n + EVAL_BATCH - 1) / EVAL_BATCH);
+    *B = (n + n_batches - 1) / n_batches;
+    n_batches = (n + *B - 1) / *B;
+    *threads = std::min(th, n_batches);
+    return n_batches;
+}
+
+static void generate_batched(std::vector<std::string>& outs, const Model& M, const std::vector<std::string>& texts,
+                             EvalDecoders* keep = nullptr) {
+    int n = (int)texts.size();
+    if (n == 0) return;
+    int B = 0, threads = 0, n_batches = eval_batches(n, &B, &threads);
+    EvalDecoders fresh;
+    EvalDecoders& E = keep ? *keep : fresh;
+    // Config is plain ints and floats: memcmp compares every field
+    bool reuse = E.B == B && (int)E.per_thread.size() >= threads && memcmp(&E.cfg, &M.cfg, sizeof(Config)) == 0;
+    if (reuse) {
+        for (BatchDecoder& BD : E.per_thread) { BD.M = &M; transpose_weights(M, BD.wt_mem, BD.wt); }
+    } else {
+        E.per_thread = std::vector<BatchDecoder>(threads);
+        E.B = B;
+        E.cfg = M.cfg;
+        for (BatchDecoder& BD : E.per_thread) batch_init(BD, M, B);
+    }
+    BatchCtx x{&E, &texts, &outs, B};
+    for_each_item(n_batches, threads, generate_batch, &x);
 }

@@ -20,9 +20,9 @@ SwiGLU 192, top-k 4, newline schedule (tests/MODEL_SPEC.md). Parameters are name
 by reference.py; this file only stores wq|wk|wv as one [3C, C] matrix and w1|w3 as one [2F, C]
 matrix (one matmul each instead of three and two: same numbers), keeps the KV cache as
 [B, heads, T, head_size], precomputes the RoPE tables, and uses one full causal pass for vanilla
-training (which DESIGN §5 says the segment loop must equal). Nothing loops over batch rows.
+training (which tests/MODEL_SPEC.md, "Segments", says the segment loop must equal). Nothing loops over batch rows.
 
-Data: chain task (DESIGN §6), n = 2..8 operations, one n per batch of 32 (every row has the same
+Data: chain task (README.md, "Tasks"), n = 2..8 operations, one n per batch of 32 (every row has the same
 newline positions), tokens = BOS + characters (no padding needed: a chain example with n operations
 is 8n+6 tokens). The timed loop cycles through the 7 layouts (T = 22..70, mean 46); tokens/s counts B*T per
 training step. Loss: reference.py's loss_fn (targets after the question line), as cross_entropy.
@@ -93,7 +93,7 @@ def emit(row, **kw):
     print(json.dumps({"row": row, **kw}), flush=True)
 
 
-# ---------------------------------------------------------------- data (DESIGN §6, chain)
+# ---------------------------------------------------------------- data (README.md, "Tasks": chain)
 def chain_text(rng, n):
     """e.g. '1*4-0+3\\n1*4=4\\n4-0=4\\n4+3=7\\n#7$' (digits mod 10)."""
     acc = rng.randrange(10)
