@@ -586,14 +586,18 @@ inline void attention_forward(float* out, float* att, const float* q, const floa
                               int Tq, int Tk, int ld, int q0, int causal, int B, int NH, int HS) {
     int C = NH * HS;
     float scale = 1.0f / sqrtf((float)HS);
-    int ng = (Tq + WS_MAX - 1) / WS_MAX;   // queries go in groups of WS_MAX: their weighted sums run side by side
-    parallel_for((long)ng * B * NH, (long)Tq * B * NH * Tk * HS, [&](long u0, long u1) {
-        for (long u = u0; u < u1; u++) {   // u = (group*B + b)*NH + h
-            int g = (int)(u / ((long)B * NH)), b = (int)(u / NH % B), h = (int)(u % NH);
-            int i0 = g * WS_MAX, R = Tq - i0 < WS_MAX ? Tq - i0 : WS_MAX;
+    // One chain per (b, h, query i), numbered n = (b*NH + h)*Tq + i. They go in groups of WS_MAX
+    // consecutive chains, whose weighted sums run side by side; a group may span heads and
+    // sequences, so a decoding step (Tq = 1) still fills a group from B*NH chains.
+    long n_chains = (long)B * NH * Tq, ng = (n_chains + WS_MAX - 1) / WS_MAX;
+    parallel_for(ng, (long)Tq * B * NH * Tk * HS, [&](long g0, long g1) {
+        for (long g = g0; g < g1; g++) {
+            long n0 = g * WS_MAX;
+            int R = n_chains - n0 < WS_MAX ? (int)(n_chains - n0) : WS_MAX;
             WeightedSum sums[WS_MAX];
             for (int r = 0; r < R; r++) {
-                int i = i0 + r, nk = causal ? q0 + i + 1 : Tk;
+                long n = n0 + r, u = n / Tq;
+                int i = (int)(n % Tq), b = (int)(u / NH), h = (int)(u % NH), nk = causal ? q0 + i + 1 : Tk;
                 const float* qi = q + ((long)i * B + b) * C + h * HS;
                 float* a = att + (((long)i * B + b) * NH + h) * ld;
                 // scores and their max
@@ -610,7 +614,7 @@ inline void attention_forward(float* out, float* att, const float* q, const floa
                 for (int j = nk; j < Tk; j++) a[j] = 0.0f;   // masked keys; columns past Tk are not written
                 sums[r] = {out + ((long)i * B + b) * C + h * HS, a, v + (long)b * C + h * HS, nk};
             }
-            // out_i = sum_j a_ij v_j: v rows of this (b, h) are B*C apart
+            // out_i = sum_j a_ij v_j: v rows of one (b, h) are B*C apart
             weighted_sums(sums, R, (long)B * C, HS, 0);
         }
     });
