@@ -585,37 +585,53 @@ inline void weighted_sums(const WeightedSum* c, int R, long ld, int HS, int add)
 inline void attention_forward(float* out, float* att, const float* q, const float* k, const float* v,
                               int Tq, int Tk, int ld, int q0, int causal, int B, int NH, int HS) {
     int C = NH * HS;
+    long ldr = (long)B * C;   // from one position's row to the next, within one (b, h)
     float scale = 1.0f / sqrtf((float)HS);
     // One chain per (b, h, query i), numbered n = (b*NH + h)*Tq + i. They go in groups of WS_MAX
-    // consecutive chains, whose weighted sums run side by side; a group may span heads and
-    // sequences, so a decoding step (Tq = 1) still fills a group from B*NH chains.
+    // consecutive chains, which walk the keys together: the scores key by key (a decoding step's
+    // group is every head of one sequence or two, whose keys at j are one row in memory), then
+    // each chain's softmax, then the weighted sums side by side. A group may span heads and
+    // sequences, so a decoding step (Tq = 1) still fills a group from B*NH chains. Each score,
+    // sum and output is computed as for its chain alone: the grouping changes no bit.
     long n_chains = (long)B * NH * Tq, ng = (n_chains + WS_MAX - 1) / WS_MAX;
     parallel_for(ng, (long)Tq * B * NH * Tk * HS, [&](long g0, long g1) {
         for (long g = g0; g < g1; g++) {
             long n0 = g * WS_MAX;
-            int R = n_chains - n0 < WS_MAX ? (int)(n_chains - n0) : WS_MAX;
+            int R = n_chains - n0 < WS_MAX ? (int)(n_chains - n0) : WS_MAX, m = Tk;
+            const float* qr[WS_MAX];   // chain r: its query (HS), its first key row (rows ldr apart),
+            const float* kr[WS_MAX];   //   its attention row (ld) and how many keys it sees
+            float* ar[WS_MAX];
+            int nk[WS_MAX];
             WeightedSum sums[WS_MAX];
             for (int r = 0; r < R; r++) {
                 long n = n0 + r, u = n / Tq;
-                int i = (int)(n % Tq), b = (int)(u / NH), h = (int)(u % NH), nk = causal ? q0 + i + 1 : Tk;
-                const float* qi = q + ((long)i * B + b) * C + h * HS;
-                float* a = att + (((long)i * B + b) * NH + h) * ld;
-                // scores and their max
+                int i = (int)(n % Tq), b = (int)(u / NH), h = (int)(u % NH);
+                nk[r] = causal ? q0 + i + 1 : Tk;
+                m = nk[r] < m ? nk[r] : m;
+                qr[r] = q + ((long)i * B + b) * C + h * HS;
+                kr[r] = k + (long)b * C + h * HS;
+                ar[r] = att + (((long)i * B + b) * NH + h) * ld;
+                sums[r] = {out + ((long)i * B + b) * C + h * HS, ar[r], v + (long)b * C + h * HS, nk[r]};
+            }
+            // scores a_rj = q_r . k_rj / sqrt(HS): the keys every chain sees key by key, then each chain's own
+            for (int j = 0; j < m; j++)
+                for (int r = 0; r < R; r++) ar[r][j] = dot8(qr[r], kr[r] + j * ldr, HS) * scale;
+            for (int r = 0; r < R; r++)
+                for (int j = m; j < nk[r]; j++) ar[r][j] = dot8(qr[r], kr[r] + j * ldr, HS) * scale;
+            // softmax of each chain (the exps VW at a time; the max and the sum run in j order)
+            for (int r = 0; r < R; r++) {
+                float* a = ar[r];
                 float mx = -INFINITY;
-                for (int j = 0; j < nk; j++) {
-                    a[j] = dot8(qi, k + ((long)j * B + b) * C + h * HS, HS) * scale;
+                for (int j = 0; j < nk[r]; j++)
                     if (a[j] > mx) mx = a[j];
-                }
-                // softmax (the exps VW at a time; their sum runs in j order)
-                exp_shifted(a, a, nk, mx);
+                exp_shifted(a, a, nk[r], mx);
                 float sum = 0.0f;
-                for (int j = 0; j < nk; j++) sum += a[j];
-                for (int j = 0; j < nk; j++) a[j] /= sum;
-                for (int j = nk; j < Tk; j++) a[j] = 0.0f;   // masked keys; columns past Tk are not written
-                sums[r] = {out + ((long)i * B + b) * C + h * HS, a, v + (long)b * C + h * HS, nk};
+                for (int j = 0; j < nk[r]; j++) sum += a[j];
+                for (int j = 0; j < nk[r]; j++) a[j] /= sum;
+                for (int j = nk[r]; j < Tk; j++) a[j] = 0.0f;   // masked keys; columns past Tk are not written
             }
             // out_i = sum_j a_ij v_j: v rows of one (b, h) are B*C apart
-            weighted_sums(sums, R, (long)B * C, HS, 0);
+            weighted_sums(sums, R, ldr, HS, 0);
         }
     });
 }
