@@ -1547,6 +1547,7 @@ static EvalResult evaluate(const Model& M, const std::vector<std::string>& texts
     return R;
 }
 
+// =============================================================================================
 // Checkpoints: safetensors. 8-byte little-endian header length N, N bytes of JSON
 //   {"__metadata__": {"d_model": "128", ...}, "tok_emb": {"dtype": "F32", "shape": [48,128],
 //    "data_offsets": [0, 24576]}, ...}

@@ -1,5 +1,6 @@
 // cli.hpp -- bt's command line: flags (FlagSpec), the parsed arguments (Args), the table of commands
 // (Command, add_commands) and parse_args. bt.cpp lists its flags and commands; lab/lab.cpp adds its own.
+// At the end, TrainSpec: a training run's settings, typed, and spec_args, the Args they stand for.
 #pragma once
 #include <cmath>
 #include <map>

@@ -1,12 +1,13 @@
 // device.hpp -- where bt's ops run: the CPU, or a CUDA device (--device cuda). Included by bt.cpp
 // right after its utilities. OP(call) sends one op to tensor.hpp or to kernels.cu; DeviceMem owns
 // device memory; to_device / to_host move the few numbers the host reads or writes (nothing on
-// the CPU); use_device reads --device. Nothing here knows the model.
+// the CPU); use_device reads --device. Nothing here knows the model (kernels.cu, included here
+// under CUDA, has the processor's steps too).
 #pragma once
 
 // --device cuda: a build with CUDA (make USE_CUDA=1: nvcc and -DUSE_CUDA) also compiles kernels.cu,
 // whose launchers cuda::<op> take the arguments of the ops in tensor.hpp (and of the processor's
-// steps below), as device pointers. tests/test_kernels.cpp defines BT_DEVICE itself and compiles
+// steps in bt.cpp), as device pointers. tests/test_kernels.cpp defines BT_DEVICE itself and compiles
 // kernels.cu with g++ through tests/cuda_on_cpu.hpp, so the device path runs in make test too.
 #if defined(USE_CUDA) || defined(__CUDACC__)
 #ifndef BT_DEVICE

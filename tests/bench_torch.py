@@ -20,7 +20,8 @@ SwiGLU 192, top-k 4, newline schedule (tests/MODEL_SPEC.md). Parameters are name
 by reference.py; this file only stores wq|wk|wv as one [3C, C] matrix and w1|w3 as one [2F, C]
 matrix (one matmul each instead of three and two: same numbers), keeps the KV cache as
 [B, heads, T, head_size], precomputes the RoPE tables, and uses one full causal pass for vanilla
-training (which tests/MODEL_SPEC.md, "Segments", says the segment loop must equal). Nothing loops over batch rows.
+training (which the segment loop equals: tests/test_bt.cpp, "the segment loop with the processor
+off equals one full causal pass"). Nothing loops over batch rows.
 
 Data: chain task (README.md, "Tasks"), n = 2..8 operations, one n per batch of 32 (every row has the same
 newline positions), tokens = BOS + characters (no padding needed: a chain example with n operations

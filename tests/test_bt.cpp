@@ -382,32 +382,36 @@ TEST_CASE("weighted sums side by side equal one plain fma chain each, bit for bi
 
 
 // attention_forward groups its (sequence, head, query) chains WS_MAX at a time, across heads and
-// sequences: each query must get the bits it gets alone, one sequence and one query per call
-// (a decoding step's shape), causal over a cache and not, with ragged groups
+// sequences: each must get the bits it gets alone, one sequence, one head and one query per call.
+// Causal over a cache and not, several queries or one (a decoding step: B*NH > WS_MAX chains),
+// ragged groups, head sizes with a scalar tail; the attention rows start as a sentinel, so the
+// masked entries (0) and the columns past Tk (left alone) are checked too.
 TEST_CASE("attention forward gives every query its bits alone, however the queries are grouped") {
     Rng r(9);
     long bad = 0;
+    const float SENTINEL = 7.0f;
     for (int causal = 0; causal < 2; causal++)
-        for (int HS : {8, 16, 32}) {
-            int B = 3, NH = 3, C = NH * HS, Tq = causal ? 5 : 7, Tk = causal ? 9 : 7, q0 = causal ? 4 : 0, ld = Tk + 2;
-            auto q = randv(r, (long)Tq * B * C), k = randv(r, (long)Tk * B * C), v = randv(r, (long)Tk * B * C);
-            std::vector<float> out((long)Tq * B * C), att((long)Tq * B * NH * ld, 0.0f);
-            attention_forward(out.data(), att.data(), q.data(), k.data(), v.data(), Tq, Tk, ld, q0, causal, B, NH, HS);
-            for (int b = 0; b < B; b++)
-                for (int i = 0; i < Tq; i++) {   // sequence b's query i alone, over b's keys
-                    std::vector<float> k1((long)Tk * C), v1((long)Tk * C), o1(C), a1((long)NH * ld, 0.0f);
-                    for (int j = 0; j < Tk; j++) {
-                        copy_floats(k1.data() + (long)j * C, k.data() + ((long)j * B + b) * C, C);
-                        copy_floats(v1.data() + (long)j * C, v.data() + ((long)j * B + b) * C, C);
-                    }
-                    attention_forward(o1.data(), a1.data(), q.data() + ((long)i * B + b) * C, k1.data(), v1.data(), 1,
-                                      Tk, ld, q0 + i, causal, 1, NH, HS);
-                    bad += memcmp(o1.data(), out.data() + ((long)i * B + b) * C, sizeof(float) * C) != 0;
+        for (int Tq : {1, 5})
+            for (int HS : {8, 12, 16, 32}) {
+                int B = 3, NH = 4, C = NH * HS, Tk = causal ? Tq + 4 : Tq + 2, q0 = causal ? 4 : 0, ld = Tk + 2;
+                auto q = randv(r, (long)Tq * B * C), k = randv(r, (long)Tk * B * C), v = randv(r, (long)Tk * B * C);
+                std::vector<float> out((long)Tq * B * C), att((long)Tq * B * NH * ld, SENTINEL);
+                attention_forward(out.data(), att.data(), q.data(), k.data(), v.data(), Tq, Tk, ld, q0, causal, B, NH,
+                                  HS);
+                for (int b = 0; b < B; b++)
                     for (int h = 0; h < NH; h++)
-                        bad += memcmp(a1.data() + (long)h * ld, att.data() + (((long)i * B + b) * NH + h) * ld,
-                                      sizeof(float) * Tk) != 0;
-                }
-        }
+                        for (int i = 0; i < Tq; i++) {   // sequence b's head h, query i alone, over b's keys
+                            std::vector<float> k1((long)Tk * HS), v1((long)Tk * HS), o1(HS), a1(ld, SENTINEL);
+                            for (int j = 0; j < Tk; j++) {
+                                copy_floats(k1.data() + (long)j * HS, k.data() + ((long)j * B + b) * C + h * HS, HS);
+                                copy_floats(v1.data() + (long)j * HS, v.data() + ((long)j * B + b) * C + h * HS, HS);
+                            }
+                            attention_forward(o1.data(), a1.data(), q.data() + ((long)i * B + b) * C + h * HS,
+                                              k1.data(), v1.data(), 1, Tk, ld, q0 + i, causal, 1, 1, HS);
+                            bad += memcmp(o1.data(), out.data() + ((long)i * B + b) * C + h * HS, sizeof(float) * HS) != 0;
+                            bad += memcmp(a1.data(), att.data() + (((long)i * B + b) * NH + h) * ld, sizeof(float) * ld) != 0;
+                        }
+            }
     CHECK_MESSAGE(bad == 0, bad, " query outputs or attention rows differ from the query computed alone");
 }
 TEST_CASE("finite differences: embedding, matmul (naive and fast), rmsnorm, rope, residual") {
