@@ -44,7 +44,7 @@ static double bench_train(const TrainSpec& spec, bool frozen, int steps, int lo 
 // last position to its next-to-last, as a Decoder would.
 struct BenchDecodeCtx {
     std::vector<BatchDecoder>* BD; const std::vector<std::vector<int>>* seqs; const std::vector<int>* qlen;
-    int B, rounds;
+    int B;
 };
 static void bench_decode_batch(int i, int thread, void* ctx) {
     BenchDecodeCtx& x = *(BenchDecodeCtx*)ctx;
@@ -57,18 +57,16 @@ static void bench_decode_batch(int i, int thread, void* ctx) {
     for (int t = 0; t < end; t++)
         for (int j = 0; j < nb; j++)
             if (t + 1 < (int)seqs[b0 + j].size()) toks[(long)t * nb + j] = seqs[b0 + j][t];
-    for (int round = 0; round < x.rounds; round++) {
-        batch_reset(BD, nb);
-        batch_feed(BD, toks.data(), q);
-        volatile int sink = 0;
-        for (int t = q - 1; t < end; t++) {   // positions [0,t] are fed
-            if (t >= q) batch_feed(BD, &toks[(long)t * nb], 1);
-            for (int j = 0; j < nb; j++)
-                if (t >= qlen[b0 + j] - 1 && t + 1 < (int)seqs[b0 + j].size())
-                    sink = greedy_token(batch_logits(BD, j), BD.M->cfg.V);
-        }
-        (void)sink;
+    batch_reset(BD, nb);
+    batch_feed(BD, toks.data(), q);
+    volatile int sink = 0;
+    for (int t = q - 1; t < end; t++) {   // positions [0,t] are fed
+        if (t >= q) batch_feed(BD, &toks[(long)t * nb], 1);
+        for (int j = 0; j < nb; j++)
+            if (t >= qlen[b0 + j] - 1 && t + 1 < (int)seqs[b0 + j].size())
+                sink = greedy_token(batch_logits(BD, j), BD.M->cfg.V);
     }
+    (void)sink;
 }
 // the batched decoders bench_decode_batched runs, one per thread, built before the clock starts
 // (as tests/bench_torch.py builds its caches before timing)
@@ -79,8 +77,8 @@ static void bench_decoders_build(BenchDecoders& X, const Model& M, int n) {
     for (BatchDecoder& d : X.BD) batch_init(d, M, X.B);
 }
 static void bench_decode_batched(BenchDecoders& X, const std::vector<std::vector<int>>& seqs,
-                                 const std::vector<int>& qlen, int rounds) {
-    BenchDecodeCtx x{&X.BD, &seqs, &qlen, X.B, rounds};
+                                 const std::vector<int>& qlen) {
+    BenchDecodeCtx x{&X.BD, &seqs, &qlen, X.B};
     for_each_item(X.n_batches, X.threads, bench_decode_batch, &x);
 }
 
@@ -116,7 +114,7 @@ static double bench_decode(const Model& M, int B, int rounds) {
     else decoder_init(D, M);
     auto pass = [&]() {
         for (size_t z = 0; z < seqs.size(); z++) {
-            if (batched) { bench_decode_batched(X, seqs[z], qlen[z], 1); continue; }
+            if (batched) { bench_decode_batched(X, seqs[z], qlen[z]); continue; }
             for (int j = 0; j < B; j++) {
                 const std::vector<int>& tk = seqs[z][j];
                 decoder_reset(D);
