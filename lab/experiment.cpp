@@ -246,8 +246,11 @@ static RunResult experiment_run(const Experiment& ex, const std::string& regime,
         // evaluate; the run so far (its curve) is kept beside the checkpoint in <run>.curve.json
         std::string curve_path = base + ".curve.json";
         RunResult c;
-        if (resume && read_run_json(curve_path, &c)) { r.curve_step = c.curve_step; r.curve_id = c.curve_id; r.curve_ood = c.curve_ood; }
-        double t0 = now_seconds(), trained = 0;
+        double t0 = now_seconds(), trained = 0;   // seconds spent training, summed over the sessions of a resumed run
+        if (resume && read_run_json(curve_path, &c)) {
+            r.curve_step = c.curve_step; r.curve_id = c.curve_id; r.curve_ood = c.curve_ood;
+            trained = c.seconds;
+        }
         for (int k = 1; k <= CURVE_POINTS; k++) {
             int at = (int)((long)steps * k / CURVE_POINTS);
             if (at < R.step || (at == R.step && !r.curve_step.empty() && r.curve_step.back() == at)) continue;
@@ -261,6 +264,7 @@ static RunResult experiment_run(const Experiment& ex, const std::string& regime,
             RunResult e;
             evaluate_run(e, R.M, ex.task, ex.n_eval, 0);
             r.curve_step.push_back(at); r.curve_id.push_back(e.id_answer); r.curve_ood.push_back(e.ood_answer);
+            r.seconds = trained;
             write_file(curve_path, run_json(r));
             if (at == steps) take_evaluation(r, e);   // the final point is the run's result
         }
@@ -269,7 +273,7 @@ static RunResult experiment_run(const Experiment& ex, const std::string& regime,
             evaluate_run(e, R.M, ex.task, ex.n_eval, 0);
             take_evaluation(r, e);
         }
-        r.seconds = trained;   // training only, not the curve's evaluations (after a resume: this session's)
+        r.seconds = trained;   // training only, not the curve's evaluations
         r.loss = R.losses;
         M = R.M;
     }
@@ -593,7 +597,8 @@ static void cmd_experiment(const Args& a) {
     ex.task = parse_task(a.str("task"));
     std::string regime = a.str("regime");
     if (regime != "v4" && regime != "v1" && regime != "both") BAD_INPUT("--regime must be v4, v1 or both, got '%s'", regime.c_str());
-    int seeds = a.integer("seeds", 1, 100);
+    int seeds = a.integer("seeds", 1, 100);   // v4's seeds, and v1's unless --v1-seeds says otherwise
+    int seeds_v1 = a.has("v1-seeds") ? a.integer("v1-seeds", 1, 100) : seeds;
     ex.stage1 = a.integer("stage1", 1, 10000000);
     ex.stage2 = a.integer("stage2", 1, 10000000);
     ex.steps = a.integer("steps", 1, 10000000);
@@ -621,7 +626,9 @@ static void cmd_experiment(const Args& a) {
     }
     std::filesystem::create_directories(ex.dir + "/runs");
     bool v4 = regime != "v1", v1 = regime != "v4";
-    printf("bt experiment | %s | %s | regime %s | seeds %d\n", TASKS[ex.task].name, build_flags().c_str(), regime.c_str(), seeds);
+    std::string v1_seeds = seeds_v1 != seeds ? strf(" --v1-seeds %d", seeds_v1) : "";
+    printf("bt experiment | %s | %s | regime %s | seeds %d%s\n", TASKS[ex.task].name, build_flags().c_str(), regime.c_str(),
+           seeds, v1_seeds.c_str());
     printf("  model d_model %d, layers %d, heads %d, batch %s (vanilla-large: d_model %d, vanilla-4x: d_model %d, "
            "vanilla-flops: %d steps); v4: stage 1 %d steps, stage 2 %d; v1: %d steps; eval %d per size at %d points\n",
            base.C, base.L, base.NH, a.str("batch").c_str(), ex.large_width, ex.wide_width, ex.flops_steps, ex.stage1,
@@ -636,16 +643,18 @@ static void cmd_experiment(const Args& a) {
         if (t.d_model) f = pow((double)*t.d_model / base.C, 2);   // a wider vanilla model
         return f * steps + 30;                                     // + evaluation
     };
-    for (int seed = 1; seed <= seeds; seed++) {
+    int max_seed = std::max(v4 ? seeds : 0, v1 ? seeds_v1 : 0);
+    for (int seed = 1; seed <= max_seed; seed++) {   // seed by seed: an interrupted experiment has whole seeds
+        bool v4_seed = v4 && seed <= seeds, v1_seed = v1 && seed <= seeds_v1;
         std::string init = ex.dir + "/runs/" + run_name("v4", "backbone", seed) + ".safetensors";
         std::string vanilla = ex.dir + "/runs/" + run_name("v1", "vanilla", seed) + ".safetensors";
         TrainSpec backbone;
         backbone.model = "vanilla";
-        if (v4) jobs.push_back({"v4", "backbone", "", "", backbone, ex.stage1, seed, 0, cost_of(backbone, ex.stage1)});
+        if (v4_seed) jobs.push_back({"v4", "backbone", "", "", backbone, ex.stage1, seed, 0, cost_of(backbone, ex.stage1)});
         for (auto& arm : ARMS) {
             std::string r = arm.regime, name = arm.name;
             bool control = name == "vanilla+extra" || name == "vanilla";   // the controls always run
-            if ((r == "v4" && !v4) || (r == "v1" && !v1) || !(only.empty() || only.count(name) || control)) continue;
+            if ((r == "v4" && !v4_seed) || (r == "v1" && !v1_seed) || !(only.empty() || only.count(name) || control)) continue;
             TrainSpec t;
             if (arm.set) arm.set(t);
             if (t.d_model == LARGE_WIDTH) t.d_model = ex.large_width;
@@ -674,17 +683,17 @@ static void cmd_experiment(const Args& a) {
     double train_seconds = 0;   // v1's vanilla taken from v4's backbone (same steps) is counted once
     bool shared = v4 && v1 && ex.stage1 == ex.steps;
     for (auto& r : all) train_seconds += shared && r.regime == "v1" && r.arm == "vanilla" ? 0 : r.seconds;
-    std::string md = strf("# %s: does the bottleneck help?\n\nWritten by `bt experiment --task %s --regime %s --seeds %d "
+    std::string md = strf("# %s: does the bottleneck help?\n\nWritten by `bt experiment --task %s --regime %s --seeds %d%s "
                           "--stage1 %d --stage2 %d --steps %d --d-model %d --layers %d --heads %d --batch %s --n %d%s` "
                           "(%s; training time summed over the runs: %s). Every arm of a regime sees the same data stream and budget "
                           "per seed. Mean ± sample standard deviation over seeds; Δ columns: per-seed difference from the "
                           "regime's control, then mean ± sd. ID sizes %d..%d, OOD %d..%d, %d examples per size.\n",
-                          TASKS[ex.task].name, TASKS[ex.task].name, regime.c_str(), seeds, ex.stage1, ex.stage2, ex.steps,
+                          TASKS[ex.task].name, TASKS[ex.task].name, regime.c_str(), seeds, v1_seeds.c_str(), ex.stage1, ex.stage2, ex.steps,
                           base.C, base.L, base.NH, a.str("batch").c_str(), ex.n_eval,
                           a.has("arms") ? (" --arms " + a.str("arms")).c_str() : "", build_flags().c_str(),
                           fmt_time(train_seconds).c_str(), TASKS[ex.task].train_lo, TASKS[ex.task].train_hi,
                           TASKS[ex.task].ood_lo, TASKS[ex.task].ood_hi, ex.n_eval);
-    md += claims_report(all, seeds);   // the answer first
+    md += claims_report(all, max_seed);   // the answer first
     // the numbers that led to the budgets: written by hand (pilot runs) in calibration.md beside results.md
     std::ifstream cal(ex.dir + "/calibration.md");
     if (cal.good()) {

@@ -1449,6 +1449,31 @@ TEST_CASE("bt experiment: every arm runs, results.md and plots are written, a se
     std::filesystem::remove_all(dir);
 }
 
+TEST_CASE("bt experiment --v1-seeds: v4's arms run for --seeds seeds, v1's for --v1-seeds, and each claim pairs what ran") {
+    std::string dir = tmp_path("experiment-seeds");
+    std::filesystem::remove_all(dir);
+    std::vector<std::string> v = {"bt", "experiment", "--task", "add", "--seeds", "2", "--v1-seeds", "1", "--stage1", "3",
+        "--stage2", "2", "--steps", "3", "--d-model", "16", "--layers", "1", "--heads", "2", "--batch", "4", "--n", "2",
+        "--arms", "bt,bt-joint", "--results", dir};
+    std::vector<char*> argv;
+    for (auto& x : v) argv.push_back((char*)x.c_str());
+    Args a;
+    parse_args(a, (int)argv.size(), argv.data());
+    cmd_experiment(a);
+    std::string runs = dir + "/add/runs/";
+    for (const char* f : {"v4-backbone-s2", "v4-bt-s2", "v4-vanillapextra-s2", "v1-vanilla-s1", "v1-bt-joint-s1"})
+        CHECK_MESSAGE(std::filesystem::exists(runs + f + ".json"), f);
+    for (const char* f : {"v1-vanilla-s2", "v1-bt-joint-s2"}) CHECK_MESSAGE(!std::filesystem::exists(runs + f + ".json"), f);
+    std::string md = read_bytes(dir + "/add/results.md");
+    CHECK(md.find("--seeds 2 --v1-seeds 1 ") != std::string::npos);
+    // the final-ID claims table: v4's bt against vanilla+extra over 2 seeds, v1's bt-joint against vanilla over 1
+    size_t table = md.find("### final ID answer");
+    REQUIRE(table != std::string::npos);
+    CHECK(md.find("| bt | vanilla+extra | 2 |", table) != std::string::npos);
+    CHECK(md.find("| bt-joint | vanilla | 1 |", table) != std::string::npos);
+    std::filesystem::remove_all(dir);
+}
+
 #ifdef _OPENMP
 static const bool NO_OPENMP = false;
 #else
