@@ -1391,13 +1391,8 @@ TEST_CASE("bt experiment: every arm runs, results.md and plots are written, a se
     std::string dir = tmp_path("experiment");
     std::filesystem::remove_all(dir);
     auto exp_args = [&] {
-        std::vector<std::string> v = {"bt", "experiment", "--task", "add", "--seeds", "1", "--stage1", "3", "--stage2", "2",
-            "--steps", "3", "--d-model", "16", "--layers", "1", "--heads", "2", "--batch", "4", "--n", "2", "--results", dir};
-        std::vector<char*> argv;
-        for (auto& x : v) argv.push_back((char*)x.c_str());
-        Args a;
-        parse_args(a, (int)argv.size(), argv.data());
-        return a;
+        return args_of({"bt", "experiment", "--task", "add", "--seeds", "1", "--stage1", "3", "--stage2", "2", "--steps",
+                        "3", "--d-model", "16", "--layers", "1", "--heads", "2", "--batch", "4", "--n", "2", "--results", dir});
     };
     double t0 = now_seconds();
     cmd_experiment(exp_args());
@@ -1452,14 +1447,9 @@ TEST_CASE("bt experiment: every arm runs, results.md and plots are written, a se
 TEST_CASE("bt experiment --v1-seeds: v4's arms run for --seeds seeds, v1's for --v1-seeds, and each claim pairs what ran") {
     std::string dir = tmp_path("experiment-seeds");
     std::filesystem::remove_all(dir);
-    std::vector<std::string> v = {"bt", "experiment", "--task", "add", "--seeds", "2", "--v1-seeds", "1", "--stage1", "3",
-        "--stage2", "2", "--steps", "3", "--d-model", "16", "--layers", "1", "--heads", "2", "--batch", "4", "--n", "2",
-        "--arms", "bt,bt-joint", "--results", dir};
-    std::vector<char*> argv;
-    for (auto& x : v) argv.push_back((char*)x.c_str());
-    Args a;
-    parse_args(a, (int)argv.size(), argv.data());
-    cmd_experiment(a);
+    cmd_experiment(args_of({"bt", "experiment", "--task", "add", "--seeds", "2", "--v1-seeds", "1", "--stage1", "3",
+                            "--stage2", "2", "--steps", "3", "--d-model", "16", "--layers", "1", "--heads", "2", "--batch",
+                            "4", "--n", "2", "--arms", "bt,bt-joint", "--results", dir}));
     std::string runs = dir + "/add/runs/";
     for (const char* f : {"v4-backbone-s2", "v4-bt-s2", "v4-vanillapextra-s2", "v1-vanilla-s1", "v1-bt-joint-s1"})
         CHECK_MESSAGE(std::filesystem::exists(runs + f + ".json"), f);
