@@ -378,8 +378,9 @@ static std::string claims_report(const std::vector<RunResult>& all, int seeds) {
     std::string md = "\n## The claims, tested\n\nFixed before the runs (lab/claims.cpp). Per claim: each seed's Δ = arm - "
                      "baseline on the same evaluation problems, the mean Δ with a seeded bootstrap 95% interval (10,000 "
                      "resamples), an exact two-sided sign test, and its Holm adjustment over the claims of that table. "
-                     "Verdict: supported or contradicted when the adjusted p < 0.05 (by the sign of the mean), else not "
-                     "resolved. Areas are the mean accuracy over each run's learning curve (trapezoid over its " +
+                     "Verdict: supported or contradicted when the adjusted p < 0.05 (by the sign test's direction: more "
+                     "seeds above the baseline than below, or fewer), else not resolved. Areas are the mean accuracy over "
+                     "each run's learning curve (trapezoid over its " +
                      std::to_string(CURVE_POINTS) + " points). `best pause` is " +
                      (best_pause.empty() ? std::string("(no pause arm ran)") : "`" + best_pause + "`") +
                      ", the pause arm with the best mean final ID answer.\n";
@@ -684,13 +685,14 @@ static void cmd_experiment(const Args& a) {
     bool shared = v4 && v1 && ex.stage1 == ex.steps;
     for (auto& r : all) train_seconds += shared && r.regime == "v1" && r.arm == "vanilla" ? 0 : r.seconds;
     std::string md = strf("# %s: does the bottleneck help?\n\nWritten by `bt experiment --task %s --regime %s --seeds %d%s "
-                          "--stage1 %d --stage2 %d --steps %d --d-model %d --layers %d --heads %d --batch %s --n %d%s` "
+                          "--stage1 %d --stage2 %d --steps %d --d-model %d --layers %d --heads %d --batch %s --n %d%s%s` "
                           "(%s; training time summed over the runs: %s). Every arm of a regime sees the same data stream and budget "
                           "per seed. Mean ± sample standard deviation over seeds; Δ columns: per-seed difference from the "
                           "regime's control, then mean ± sd. ID sizes %d..%d, OOD %d..%d, %d examples per size.\n",
                           TASKS[ex.task].name, TASKS[ex.task].name, regime.c_str(), seeds, v1_seeds.c_str(), ex.stage1, ex.stage2, ex.steps,
                           base.C, base.L, base.NH, a.str("batch").c_str(), ex.n_eval,
-                          a.has("arms") ? (" --arms " + a.str("arms")).c_str() : "", build_flags().c_str(),
+                          a.has("arms") ? (" --arms " + a.str("arms")).c_str() : "",
+                          a.str("results") != "results" ? (" --results " + a.str("results")).c_str() : "", build_flags().c_str(),
                           fmt_time(train_seconds).c_str(), TASKS[ex.task].train_lo, TASKS[ex.task].train_hi,
                           TASKS[ex.task].ood_lo, TASKS[ex.task].ood_hi, ex.n_eval);
     md += claims_report(all, max_seed);   // the answer first

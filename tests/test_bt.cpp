@@ -1456,6 +1456,7 @@ TEST_CASE("bt experiment --v1-seeds: v4's arms run for --seeds seeds, v1's for -
     for (const char* f : {"v1-vanilla-s2", "v1-bt-joint-s2"}) CHECK_MESSAGE(!std::filesystem::exists(runs + f + ".json"), f);
     std::string md = read_bytes(dir + "/add/results.md");
     CHECK(md.find("--seeds 2 --v1-seeds 1 ") != std::string::npos);
+    CHECK(md.find("--arms bt,bt-joint --results " + dir + "`") != std::string::npos);   // the header reruns it
     // the final-ID claims table: v4's bt against vanilla+extra over 2 seeds, v1's bt-joint against vanilla over 1
     size_t table = md.find("### final ID answer");
     REQUIRE(table != std::string::npos);
