@@ -692,7 +692,7 @@ static void cmd_experiment(const Args& a) {
                           TASKS[ex.task].name, TASKS[ex.task].name, regime.c_str(), seeds, v1_seeds.c_str(), ex.stage1, ex.stage2, ex.steps,
                           base.C, base.L, base.NH, a.str("batch").c_str(), ex.n_eval,
                           a.has("arms") ? (" --arms " + a.str("arms")).c_str() : "",
-                          a.str("results") != "results" ? (" --results " + a.str("results")).c_str() : "", build_flags().c_str(),
+                          a.has("results") ? (" --results " + a.str("results")).c_str() : "", build_flags().c_str(),
                           fmt_time(train_seconds).c_str(), TASKS[ex.task].train_lo, TASKS[ex.task].train_hi,
                           TASKS[ex.task].ood_lo, TASKS[ex.task].ood_hi, ex.n_eval);
     md += claims_report(all, max_seed);   // the answer first
