@@ -3,7 +3,8 @@
 // bt experiment: every arm (README, "Results") on one task, trained on the same data stream with the same
 // budget per seed, evaluated in distribution and at every OOD size. Each finished run is kept as
 // results/<task>/runs/<run>.json (+ its checkpoint), so an interrupted experiment resumes where it
-// stopped (a half-trained run resumes from its last checkpoint); then results.md and the plots.
+// stopped (a half-trained run resumes from its last checkpoint); then results.md and the plots. The
+// records are committed, the checkpoints are not (ensure_checkpoint makes one again when needed).
 //   v4 (frozen backbone): stage 1 trains a vanilla backbone for --stage1 steps; every arm then
 //       gets --stage2 more steps from it: vanilla+extra, bt (k 4, bptt step and full), bt k 0,
 //       pause P (the backbone fine-tuned with P PAUSE after newlines), pause-frozen (only PAUSE's row),
@@ -196,18 +197,28 @@ static void take_evaluation(RunResult& r, const RunResult& e) {
     r.ood_first_wrong = e.ood_first_wrong;
 }
 
+// remake: the run has a record (runs/<run>.json, kept in git) but not its checkpoint (not kept):
+// train it again, and check that it is the run its record describes, digit for digit.
 static RunResult experiment_run(const Experiment& ex, const std::string& regime, const std::string& arm,
                                 const TrainSpec& arm_spec, int steps, int seed, const std::string& init,
-                                int evict, const std::string& evict_ckpt) {
+                                int evict, const std::string& evict_ckpt, bool remake = false) {
     std::string base = ex.dir + "/runs/" + run_name(regime, arm, seed);
     RunResult r;
     if (read_run_json(base + ".json", &r)) {
         if (r.steps != steps)
             BAD_INPUT("%s.json was trained for %d steps, this experiment asks %d: delete %s/runs to start over",
                       base.c_str(), r.steps, steps, ex.dir.c_str());
-        printf("  %-22s seed %d: done before (%s.json)\n", arm.c_str(), seed, base.c_str());
-        return r;
+        if (!remake) {
+            printf("  %-22s seed %d: done before (%s.json)\n", arm.c_str(), seed, base.c_str());
+            return r;
+        }
+        printf("  %-22s seed %d: recorded, but its checkpoint is not here: training it again\n", arm.c_str(), seed);
+    } else if (remake) {
+        INTERNAL("%s: remade without a record", base.c_str());
     }
+    std::string record = remake ? read_file(base + ".json", "run record") : "";
+    double recorded_seconds = r.seconds;
+    r = RunResult();
     r.regime = regime; r.arm = arm; r.seed = seed; r.steps = steps;
     // v1's vanilla with --steps equal to --stage1 is the very run v4's backbone was (same flags, seed and
     // data; training is deterministic): take its checkpoint and results instead of training it twice.
@@ -286,7 +297,14 @@ static RunResult experiment_run(const Experiment& ex, const std::string& regime,
     }
     printf("\r  %-22s seed %d: %s, ID %.3f, OOD %.3f (all lines %.3f)                 \n", arm.c_str(), seed,
            evict ? "no training" : fmt_time(r.seconds).c_str(), r.id_answer, r.ood_answer, r.ood_lines);
-    write_file(base + ".json", run_json(r));
+    if (remake) {   // the record's training time stands: this was the same work done again
+        r.seconds = recorded_seconds;
+        if (run_json(r) != record)
+            BAD_INPUT("%s: trained again, it differs from its record %s.json (made by another build of bt?): delete "
+                      "the record to rerun that arm", base.c_str(), base.c_str());
+    } else {
+        write_file(base + ".json", run_json(r));
+    }
     remove(state_path(base + ".safetensors").c_str());   // finished: the JSON and the checkpoint are what stays
     remove((base + ".curve.json").c_str());
     // the run's result is its record as read back (rounded as written), so that a report made now
@@ -584,6 +602,26 @@ static int wide_width(const Config& base) {
     return width_for_params(base, 3.5 * layout_params(base, &w, nullptr, nullptr));
 }
 
+// One run of the plan, and what it costs (vanilla steps, for the ETA).
+struct Job { std::string regime, arm, init, evict_ckpt; TrainSpec spec; int steps, seed, evict; double cost; };
+
+// The run records (runs/<run>.json) are kept in git, the checkpoints are not: a run that starts from
+// another run's checkpoint (a v4 arm from its seed's backbone, an evict arm from v1's vanilla, the
+// heatmap from v1's bt-joint) finds it here, or that run is trained again first. Training is
+// deterministic on every machine, so it is the same run; experiment_run checks it against its record.
+static void ensure_checkpoint(const Experiment& ex, const std::vector<Job>& jobs, const std::string& regime,
+                              const std::string& arm, int seed) {
+    std::string base = ex.dir + "/runs/" + run_name(regime, arm, seed);
+    if (std::ifstream(base + ".safetensors").good() || !std::ifstream(base + ".json").good()) return;
+    for (const Job& j : jobs)
+        if (j.regime == regime && j.arm == arm && j.seed == seed) {
+            if (regime == "v1" && arm == "vanilla" && ex.stage1 == ex.steps)
+                ensure_checkpoint(ex, jobs, "v4", "backbone", seed);   // v1's vanilla is a copy of it
+            experiment_run(ex, j.regime, j.arm, j.spec, j.steps, j.seed, j.init, j.evict, j.evict_ckpt, true);
+            return;
+        }
+}
+
 // vanilla-flops: the steps at which vanilla has used the training FLOPs of `steps` steps of bt
 // joint periodic:16
 static int flops_matched_steps(const Config& base, Task task, int B, int steps) {
@@ -635,7 +673,6 @@ static void cmd_experiment(const Args& a) {
            base.C, base.L, base.NH, a.str("batch").c_str(), ex.large_width, ex.wide_width, ex.flops_steps, ex.stage1,
            ex.stage2, ex.steps, ex.n_eval, CURVE_POINTS);
     // the plan: every run in order, with a rough cost (vanilla steps) for the ETA
-    struct Job { std::string regime, arm, init, evict_ckpt; TrainSpec spec; int steps, seed, evict; double cost; };
     std::vector<Job> jobs;
     auto cost_of = [&](const TrainSpec& t, int steps) {
         double f = t.model == "bt" ? 2.5 : 1.0;
@@ -652,6 +689,7 @@ static void cmd_experiment(const Args& a) {
         TrainSpec backbone;
         backbone.model = "vanilla";
         if (v4_seed) jobs.push_back({"v4", "backbone", "", "", backbone, ex.stage1, seed, 0, cost_of(backbone, ex.stage1)});
+        size_t after_vanilla = jobs.size();
         for (auto& arm : ARMS) {
             std::string r = arm.regime, name = arm.name;
             bool control = name == "vanilla+extra" || name == "vanilla";   // the controls always run
@@ -661,8 +699,12 @@ static void cmd_experiment(const Args& a) {
             if (t.d_model == LARGE_WIDTH) t.d_model = ex.large_width;
             if (t.d_model == WIDE_WIDTH) t.d_model = ex.wide_width;
             int steps = r == "v4" ? ex.stage2 : name == "vanilla-flops" ? ex.flops_steps : ex.steps;
-            jobs.push_back({r, name, r == "v4" ? init : "", vanilla, t, steps, seed, arm.evict,
-                            arm.evict ? 30.0 : cost_of(t, steps)});
+            Job job{r, name, r == "v4" ? init : "", vanilla, t, steps, seed, arm.evict, arm.evict ? 30.0 : cost_of(t, steps)};
+            // an evict arm only decodes with v1's vanilla model: it runs right after it, while that
+            // checkpoint is surely here (a seed cut short then has them)
+            if (arm.evict) jobs.insert(jobs.begin() + after_vanilla++, job);
+            else jobs.push_back(job);
+            if (name == "vanilla") after_vanilla = jobs.size();
         }
     }
     double total = 0, done = 0;
@@ -676,6 +718,10 @@ static void cmd_experiment(const Args& a) {
                j.seed, fmt_time(el).c_str(), done > 0 && el > 5 ? fmt_time(el / done * (total - done)).c_str() : "-");
         fflush(stdout);
         double before = now_seconds();
+        if (!std::ifstream(ex.dir + "/runs/" + run_name(j.regime, j.arm, j.seed) + ".json").good()) {
+            if (!j.init.empty()) ensure_checkpoint(ex, jobs, "v4", "backbone", j.seed);
+            if (j.evict) ensure_checkpoint(ex, jobs, "v1", "vanilla", j.seed);
+        }
         all.push_back(experiment_run(ex, j.regime, j.arm, j.spec, j.steps, j.seed, j.init, j.evict, j.evict_ckpt));
         if (now_seconds() - before > 1) done += j.cost;   // runs found done before do not teach the ETA
         else total -= j.cost;
@@ -716,7 +762,8 @@ static void cmd_experiment(const Args& a) {
         md += regime_report(ex, "v1", all, "vanilla");
     }
     // the heatmap: v1's newline-schedule model if it ran, else v4's bt (both recall k entries per boundary)
-    bool joint = v1 && std::ifstream(ex.dir + "/runs/" + run_name("v1", "bt-joint", 1) + ".safetensors").good();
+    bool joint = v1 && std::ifstream(ex.dir + "/runs/" + run_name("v1", "bt-joint", 1) + ".json").good();
+    ensure_checkpoint(ex, jobs, joint ? "v1" : "v4", joint ? "bt-joint" : "bt", 1);
     std::string bt_run = ex.dir + "/runs/" + run_name(joint ? "v1" : "v4", joint ? "bt-joint" : "bt", 1) + ".safetensors";
     if (std::ifstream(bt_run).good()) {
         Model M;

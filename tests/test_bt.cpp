@@ -1444,6 +1444,51 @@ TEST_CASE("bt experiment: every arm runs, results.md and plots are written, a se
     std::filesystem::remove_all(dir);
 }
 
+// The run records are kept in git, the checkpoints are not: a fresh clone has only the records.
+TEST_CASE("bt experiment: a checkpoint that is not here is trained again and checked against its record") {
+    std::string dir = tmp_path("experiment-remake");
+    std::filesystem::remove_all(dir);
+    auto exp_args = [&] {
+        return args_of({"bt", "experiment", "--task", "add", "--seeds", "1", "--stage1", "3", "--stage2", "2", "--steps",
+                        "3", "--d-model", "16", "--layers", "1", "--heads", "2", "--batch", "4", "--n", "2", "--arms",
+                        "bt,bt-joint,evict4", "--results", dir});
+    };
+    cmd_experiment(exp_args());
+    std::string runs = dir + "/add/runs/";
+    std::string backbone = read_bytes(runs + "v4-backbone-s1.safetensors"), record = read_bytes(runs + "v4-backbone-s1.json");
+    RunResult bt_first;
+    REQUIRE(read_run_json(runs + "v4-bt-s1.json", &bt_first));
+    // a clone: no checkpoint at all; v4's bt and the evict arm left to run
+    for (auto& e : std::filesystem::directory_iterator(runs))
+        if (e.path().extension() == ".safetensors") std::filesystem::remove(e.path());
+    std::filesystem::remove(runs + "v4-bt-s1.json");
+    std::filesystem::remove(runs + "v1-evict4-s1.json");
+    cmd_experiment(exp_args());
+    CHECK(read_bytes(runs + "v4-backbone-s1.safetensors") == backbone);   // trained again: the same bytes
+    CHECK(read_bytes(runs + "v1-vanilla-s1.safetensors") == backbone);    // and v1's copy of it, for evict4
+    CHECK(read_bytes(runs + "v4-backbone-s1.json") == record);            // its record untouched
+    CHECK(std::filesystem::exists(runs + "v4-bt-s1.json"));
+    CHECK(std::filesystem::exists(runs + "v1-evict4-s1.json"));
+    CHECK(std::filesystem::exists(runs + "v1-bt-joint-s1.safetensors"));  // for the heatmap
+    RunResult bt_again;   // v4's bt from the remade backbone: the run it was the first time
+    REQUIRE(read_run_json(runs + "v4-bt-s1.json", &bt_again));
+    CHECK(bt_again.loss == bt_first.loss);
+    CHECK(bt_again.curve_id == bt_first.curve_id);
+    CHECK(bt_again.answer == bt_first.answer);
+    // a record the checkpoint does not match: a clear error, not a silent mix of two runs
+    std::filesystem::remove(runs + "v4-backbone-s1.safetensors");
+    std::filesystem::remove(runs + "v4-bt-s1.json");
+    std::string tampered = record;
+    size_t at = tampered.find("\"id_answer\":");
+    REQUIRE(at != std::string::npos);
+    tampered.replace(at, tampered.find(',', at) - at, "\"id_answer\":0.9999");
+    write_bytes(runs + "v4-backbone-s1.json", tampered);
+    std::string msg;
+    CHECK(error_code([&] { cmd_experiment(exp_args()); }, &msg) == 2);
+    CHECK(msg.find("differs from its record") != std::string::npos);
+    std::filesystem::remove_all(dir);
+}
+
 TEST_CASE("bt experiment --v1-seeds: v4's arms run for --seeds seeds, v1's for --v1-seeds, and each claim pairs what ran") {
     std::string dir = tmp_path("experiment-seeds");
     std::filesystem::remove_all(dir);
