@@ -638,6 +638,7 @@ static void cmd_experiment(const Args& a) {
     if (regime != "v4" && regime != "v1" && regime != "both") BAD_INPUT("--regime must be v4, v1 or both, got '%s'", regime.c_str());
     int seeds = a.integer("seeds", 1, 100);   // v4's seeds, and v1's unless --v1-seeds says otherwise
     int seeds_v1 = a.has("v1-seeds") ? a.integer("v1-seeds", 1, 100) : seeds;
+    int first_seed = a.has("first-seed") ? a.integer("first-seed", 1, 100) : 1;   // seeds below: another process's
     ex.stage1 = a.integer("stage1", 1, 10000000);
     ex.stage2 = a.integer("stage2", 1, 10000000);
     ex.steps = a.integer("steps", 1, 10000000);
@@ -666,6 +667,7 @@ static void cmd_experiment(const Args& a) {
     std::filesystem::create_directories(ex.dir + "/runs");
     bool v4 = regime != "v1", v1 = regime != "v4";
     std::string v1_seeds = seeds_v1 != seeds ? strf(" --v1-seeds %d", seeds_v1) : "";
+    if (first_seed > 1) v1_seeds += strf(" --first-seed %d", first_seed);
     printf("bt experiment | %s | %s | regime %s | seeds %d%s\n", TASKS[ex.task].name, build_flags().c_str(), regime.c_str(),
            seeds, v1_seeds.c_str());
     printf("  model d_model %d, layers %d, heads %d, batch %s (vanilla-large: d_model %d, vanilla-4x: d_model %d, "
@@ -682,7 +684,8 @@ static void cmd_experiment(const Args& a) {
         return f * steps + 30;                                     // + evaluation
     };
     int max_seed = std::max(v4 ? seeds : 0, v1 ? seeds_v1 : 0);
-    for (int seed = 1; seed <= max_seed; seed++) {   // seed by seed: an interrupted experiment has whole seeds
+    if (first_seed > max_seed) BAD_INPUT("--first-seed %d is past the last seed (%d)", first_seed, max_seed);
+    for (int seed = first_seed; seed <= max_seed; seed++) {   // seed by seed: an interrupted experiment has whole seeds
         bool v4_seed = v4 && seed <= seeds, v1_seed = v1 && seed <= seeds_v1;
         std::string init = ex.dir + "/runs/" + run_name("v4", "backbone", seed) + ".safetensors";
         std::string vanilla = ex.dir + "/runs/" + run_name("v1", "vanilla", seed) + ".safetensors";

@@ -21,6 +21,8 @@ static const FlagSpec LAB_FLAGS[] = {
     {"regime", "both", "experiment: v4 (frozen backbone) | v1 (end to end) | both"},
     {"seeds", "3", "experiment: seeds 1..S for every arm (v1's: --v1-seeds, when given)"},
     {"v1-seeds", "", "experiment: seeds 1..S for v1's arms instead (v4's runs are cheaper: more seeds for the same time)"},
+    {"first-seed", "", "experiment: start at seed K, to share the seeds among processes or machines (copy their runs/ "
+                       "into one folder, then run without it for the whole report)"},
     {"stage1", "300", "experiment v4: steps of the stage-1 backbone"},
     {"stage2", "300", "experiment v4: steps every arm gets on top of it"},
     {"arms", "", "experiment: only these arms, comma-separated (the controls always run)"},
@@ -31,7 +33,7 @@ static const FlagSpec LAB_FLAGS[] = {
 };
 
 static const Command LAB_COMMANDS[] = {
-    {"experiment", "task regime seeds v1-seeds stage1 stage2 steps n d-model layers heads batch arms results",
+    {"experiment", "task regime seeds v1-seeds first-seed stage1 stage2 steps n d-model layers heads batch arms results",
      "every arm on a task, several seeds: results/<task>/results.md and plots (resumable)", cmd_experiment},
     {"probe", "ckpt backbone task sizes n seed results",
      "linear probes on cache entries before and after each rewrite, and update statistics (what a rewrite keeps)",

@@ -1508,6 +1508,14 @@ TEST_CASE("bt experiment --v1-seeds: v4's arms run for --seeds seeds, v1's for -
     CHECK(md.find("| bt | vanilla+extra | 2 |", table) != std::string::npos);
     CHECK(md.find("| bt-joint | vanilla | 1 |", table) != std::string::npos);
     std::filesystem::remove_all(dir);
+    // --first-seed: another process's share of the seeds; this one runs seed 2 only
+    cmd_experiment(args_of({"bt", "experiment", "--task", "add", "--seeds", "2", "--first-seed", "2", "--stage1", "3",
+                            "--stage2", "2", "--steps", "3", "--d-model", "16", "--layers", "1", "--heads", "2", "--batch",
+                            "4", "--n", "2", "--arms", "bt", "--results", dir}));
+    for (const char* f : {"v4-backbone-s2", "v4-bt-s2", "v1-vanilla-s2"}) CHECK_MESSAGE(std::filesystem::exists(runs + f + ".json"), f);
+    for (const char* f : {"v4-backbone-s1", "v4-bt-s1", "v1-vanilla-s1"}) CHECK_MESSAGE(!std::filesystem::exists(runs + f + ".json"), f);
+    CHECK(read_bytes(dir + "/add/results.md").find("--seeds 2 --first-seed 2 ") != std::string::npos);
+    std::filesystem::remove_all(dir);
 }
 
 #ifdef _OPENMP
