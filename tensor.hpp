@@ -38,9 +38,12 @@
 // Threads only where they pay: a parallel region costs microseconds to open and close, more
 // than a decoding step's whole row of work, and even `omp parallel if (0)` costs about one (a
 // decoding step has fifty). So every op runs its loop through parallel_for, which splits it
-// across threads only from PAR_MIN multiply-adds (or elements) of work up, and otherwise makes
-// no OpenMP call at all.
+// across threads only from PAR_MIN multiply-adds of work up, and otherwise makes no OpenMP call
+// at all. An elementwise pass (a norm, a residual, the optimizer) counts ELEM_WORK per element:
+// it reads and writes memory where a matmul's tile works in registers, so a training step's
+// (1,500 rows x 128 channels) pays for two threads where a decoding step's one row does not.
 static const long PAR_MIN = 1 << 18;
+static const long ELEM_WORK = 8;
 
 // body(i0, i1) over [0, n): one contiguous range per thread when `work` pays for the threads
 // (and we are not already inside a parallel region), else body(0, n) on the calling thread
@@ -63,7 +66,7 @@ template <class Body> inline void parallel_for(long n, long work, Body body) {
 // Embedding: out[r, :] = emb[tok[r], :]
 // out (N,C), tok (N), emb (V,C)
 inline void embedding_forward(float* out, const int* tok, const float* emb, int N, int C) {
-    parallel_for(N, (long)N * C, [&](long r0, long r1) {
+    parallel_for(N, (long)N * C * ELEM_WORK, [&](long r0, long r1) {
         for (long r = r0; r < r1; r++) {
             const float* e = emb + (long)tok[r] * C;
             for (int c = 0; c < C; c++) out[r * C + c] = e[c];
@@ -98,6 +101,40 @@ inline float dot8(const float* x, const float* y, int n) {
     float s = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
     for (; i < n; i++) s = fmaf(x[i], y[i], s);
     return s;
+}
+
+// out[r] = dot8(x, y + r*ld, n) for r < count: one x against count rows of y (a query against
+// its keys). With AVX2, 8 rows at a time, each row's 8 partial sums one register; hadd then adds
+// neighbours, p0+p1, p2+p3, ..., twice, and the two 128-bit halves are added, which is dot8's
+// ((p0+p1)+(p2+p3)) + ((p4+p5)+(p6+p7)) for all 8 rows at once: the same bits, without a store
+// and seven scalar adds per dot. A last group of fewer than 8 rows repeats its last row in the
+// unused registers and keeps only its own results.
+inline void dots8(float* out, const float* x, const float* y, long ld, int n, int count) {
+#if defined(__AVX2__) && defined(__FMA__)
+    for (int r = 0; r < count; r += 8) {
+        int nr = count - r < 8 ? count - r : 8;
+        const float* yu[8];
+        for (int u = 0; u < 8; u++) yu[u] = y + (r + (u < nr ? u : nr - 1)) * ld;
+        __m256 a[8];
+        for (int u = 0; u < 8; u++) a[u] = _mm256_setzero_ps();
+        int i = 0;
+        for (; i + 8 <= n; i += 8) {
+            __m256 xv = _mm256_loadu_ps(x + i);
+            for (int u = 0; u < 8; u++) a[u] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(yu[u] + i), a[u]);
+        }
+        __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);   // (p0+p1, p2+p3) of rows 0,1 | ...
+        __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+        __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);   // rows 0-3: (p0+p1)+(p2+p3) | (p4+p5)+(p6+p7)
+        __m256 lo = _mm256_permute2f128_ps(u0, u1, 0x20), hi = _mm256_permute2f128_ps(u0, u1, 0x31);
+        float d[8];
+        _mm256_storeu_ps(d, _mm256_add_ps(lo, hi));
+        for (; i < n; i++)
+            for (int u = 0; u < nr; u++) d[u] = fmaf(x[i], yu[u][i], d[u]);
+        for (int u = 0; u < nr; u++) out[r + u] = d[u];
+    }
+#else
+    for (int r = 0; r < count; r++) out[r] = dot8(x, y + r * ld, n);
+#endif
 }
 
 // e^x, written out so that it is one function on every machine (libm's expf is chosen at run time
@@ -354,9 +391,10 @@ inline void gemm_columns(float* C, int ldc, const float* A, long ars, long aks, 
         }
 }
 
-// C (M,Nc) (+)= A Bm. Work units: MM_TR rows x a block of up to 8 vectors of columns, each cut
-// into tiles; units are independent outputs, so they split across threads.
-inline void gemm(float* C, const float* A, long ars, long aks, const float* Bm, int M, int K, int Nc, int add) {
+// C (M,Nc) (+)= A Bm, Bm read in place. Work units: MM_TR rows x a block of up to 8 vectors of
+// columns, each cut into tiles; units are independent outputs, so they split across threads.
+inline void gemm_unpacked(float* C, const float* A, long ars, long aks, const float* Bm, int M, int K, int Nc,
+                          int add) {
     int CB = 8 * VW;
     int ntr = (M + MM_TR - 1) / MM_TR, ncb = (Nc + CB - 1) / CB;
     parallel_for((long)ntr * ncb, (long)M * K * Nc, [&](long u0, long u1) {
@@ -375,6 +413,57 @@ inline void gemm(float* C, const float* A, long ars, long aks, const float* Bm, 
             if (j < j1) gemm_columns(C, Nc, A, ars, aks, Bm, Nc, K, add, m0, m0 + mr, j, j1);
         }
     });
+}
+
+// ---- packing Bm. A tile reads, for each k, its vectors of Bm's row k: rows Nc floats apart, so
+// a large Bm (the weight gradient's, K = every row of the batch) costs a cache line and soon a
+// page per k. Copied into strips, each K rows of 2 vectors one after another, it is read in
+// order. Each thread copies the column block it works on (PACK_STRIPS strips) into its own
+// panel, so no thread waits on another; a copy changes no value, so neither do the sums.
+static const int PACK_STRIPS = 4;          // strips of 2*VW columns per column block
+static const int PACK_MIN_ROWS = 64;       // rows of A enough to pay for copying Bm
+static const long PACK_MIN_FLOATS = 32768; // a Bm from 128 KB up: smaller ones stay in cache as they are
+
+// panel (nstrips, K, 2*VW): strip s holds columns j0 + s*2*VW .. +2*VW of Bm's K rows
+inline void gemm_pack(float* panel, const float* Bm, int Nc, int K, int j0, int nstrips) {
+    int SW = 2 * VW;
+    for (int s = 0; s < nstrips; s++)
+        for (int k = 0; k < K; k++)
+            memcpy(panel + ((long)s * K + k) * SW, Bm + (long)k * Nc + j0 + s * SW, SW * sizeof(float));
+}
+
+// C (M,Nc) (+)= A Bm through packed strips. Work units: a column block x MM_TR rows, column block
+// major, so a thread packs each block it meets once and then runs its row tiles against it;
+// columns past the last whole strip come from Bm in place (a 1-vector tile, then scalar ones).
+inline void gemm_packed(float* C, const float* A, long ars, long aks, const float* Bm, int M, int K, int Nc,
+                        int add) {
+    int SW = 2 * VW, CB = PACK_STRIPS * SW;
+    int ntr = (M + MM_TR - 1) / MM_TR, ncb = (Nc + CB - 1) / CB;
+    parallel_for((long)ncb * ntr, (long)M * K * Nc, [&](long u0, long u1) {
+        thread_local std::vector<float> panel;   // (PACK_STRIPS, K, SW)
+        if (panel.size() < (size_t)K * CB) panel.resize((size_t)K * CB);
+        int packed = -1;                         // the column block in panel
+        for (long u = u0; u < u1; u++) {
+            int cb = (int)(u / ntr), ti = (int)(u % ntr);
+            int j0 = cb * CB, j1 = j0 + CB < Nc ? j0 + CB : Nc, ns = (j1 - j0) / SW;
+            if (cb != packed) gemm_pack(panel.data(), Bm, Nc, K, j0, ns), packed = cb;
+            int m0 = ti * MM_TR, mr = M - m0 < MM_TR ? M - m0 : MM_TR;
+            const float* a = A + m0 * ars;
+            float* c = C + (long)m0 * Nc;
+            for (int s = 0; s < ns; s++)
+                gemm_tile_any(c + j0 + s * SW, Nc, a, ars, aks, panel.data() + (long)s * K * SW, SW, K, add, mr, 2);
+            int j = j0 + ns * SW;
+            for (; j + VW <= j1; j += VW) gemm_tile_any(c + j, Nc, a, ars, aks, Bm + j, Nc, K, add, mr, 1);
+            if (j < j1) gemm_columns(C, Nc, A, ars, aks, Bm, Nc, K, add, m0, m0 + mr, j, j1);
+        }
+    });
+}
+
+// C (M,Nc) (+)= A Bm: packed when Bm is large and A has rows enough, else in place (a decoding
+// step's one row reads Bm once either way)
+inline void gemm(float* C, const float* A, long ars, long aks, const float* Bm, int M, int K, int Nc, int add) {
+    if (M >= PACK_MIN_ROWS && (long)K * Nc >= PACK_MIN_FLOATS) gemm_packed(C, A, ars, aks, Bm, M, K, Nc, add);
+    else gemm_unpacked(C, A, ars, aks, Bm, M, K, Nc, add);
 }
 
 // out[j, i] = in[i, j]: out (cols, rows), in (rows, cols)
@@ -411,7 +500,7 @@ inline void matmul_backward(float* dinp, float* dW, const float* dout, const flo
 // RMSNorm: rstd[n] = 1 / sqrt(mean_c inp[n,c]^2 + eps);  out[n,c] = inp[n,c] * rstd[n] * w[c]
 // out (N,C), rstd (N), inp (N,C), w (C)
 inline void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* w, int N, int C, float eps) {
-    parallel_for(N, (long)N * C, [&](long n0, long n1) {
+    parallel_for(N, (long)N * C * ELEM_WORK, [&](long n0, long n1) {
         for (long n = n0; n < n1; n++) {
             const float* x = inp + n * C;
             float ss = 0.0f;
@@ -428,7 +517,7 @@ inline void rmsnorm_forward(float* out, float* rstd, const float* inp, const flo
 //   dw[c] += sum_n dout[n,c] * x[n,c] * r[n]   (each channel's sum in n order; threads own channels)
 inline void rmsnorm_backward(float* dinp, float* dw, const float* dout, const float* inp, const float* w,
                              const float* rstd, int N, int C) {
-    parallel_for(N, (long)N * C, [&](long n0, long n1) {
+    parallel_for(N, (long)N * C * ELEM_WORK, [&](long n0, long n1) {
         for (long n = n0; n < n1; n++) {
             const float* x = inp + n * C;
             const float* go = dout + n * C;
@@ -442,7 +531,7 @@ inline void rmsnorm_backward(float* dinp, float* dw, const float* dout, const fl
     // rows n outer, a block of 64 channels inner: rows are read in order and the 64 sums (each
     // still over n in order) vectorise
     const int CB = 64;
-    parallel_for((C + CB - 1) / CB, (long)N * C, [&](long b0, long b1) {
+    parallel_for((C + CB - 1) / CB, (long)N * C * ELEM_WORK, [&](long b0, long b1) {
         for (long b = b0; b < b1; b++) {
             int c0 = (int)b * CB, c1 = c0 + CB < C ? c0 + CB : C;
             float acc[CB] = {};
@@ -492,7 +581,7 @@ inline int max_of(const int* x, int n) {
 
 inline void rope_forward(float* out, const float* inp, const int* pos, int N, int NH, int HS, float theta) {
     int h = HS / 2, maxp = max_of(pos, N);
-    parallel_for(N, (long)N * NH * HS, [&](long n0, long n1) {
+    parallel_for(N, (long)N * NH * HS * ELEM_WORK, [&](long n0, long n1) {
         const float* table = rope_table(HS, theta, maxp);
         for (long n = n0; n < n1; n++) {
             const float* cs = table + (long)pos[n] * h * 2;
@@ -513,7 +602,7 @@ inline void rope_forward(float* out, const float* inp, const int* pos, int N, in
 //   dx[i] += dout[i] cos a + dout[i+h] sin a ;  dx[i+h] += -dout[i] sin a + dout[i+h] cos a
 inline void rope_backward(float* dinp, const float* dout, const int* pos, int N, int NH, int HS, float theta) {
     int h = HS / 2, maxp = max_of(pos, N);
-    parallel_for(N, (long)N * NH * HS, [&](long n0, long n1) {
+    parallel_for(N, (long)N * NH * HS * ELEM_WORK, [&](long n0, long n1) {
         const float* table = rope_table(HS, theta, maxp);
         for (long n = n0; n < n1; n++) {
             const float* cs = table + (long)pos[n] * h * 2;
@@ -540,10 +629,12 @@ inline void rope_backward(float* dinp, const float* dout, const int* pos, int N,
 struct WeightedSum { float* out; const float* w; const float* rows; int n; };
 static const int WS_MAX = 8;
 
-template <class V, class Load, class Fma, class Bcast, class Store>
-inline void weighted_sums_lanes(const WeightedSum* c, int R, long ld, int d, int add, Load load, Fma fma,
-                                Bcast bcast, Store store) {
-    V acc[WS_MAX];
+// R is a template argument, so the R sums unroll into registers (with R a variable they would
+// live in memory, a store and a load per step)
+template <int R, class V, class Load, class Fma, class Bcast, class Store>
+inline void weighted_sums_lanes(const WeightedSum* c, long ld, int d, int add, Load load, Fma fma, Bcast bcast,
+                                Store store) {
+    V acc[R];
     int m = c[0].n;
     for (int r = 0; r < R; r++) {
         acc[r] = add ? load(c[r].out + d) : bcast(0.0f);
@@ -556,22 +647,30 @@ inline void weighted_sums_lanes(const WeightedSum* c, int R, long ld, int d, int
         store(c[r].out + d, acc[r]);
     }
 }
+template <class V, class Load, class Fma, class Bcast, class Store>
+inline void weighted_sums_any(const WeightedSum* c, int R, long ld, int d, int add, Load load, Fma fma, Bcast bcast,
+                              Store store) {
+#define BT_WS(N) case N: weighted_sums_lanes<N, V>(c, ld, d, add, load, fma, bcast, store); break;
+    switch (R) { BT_WS(1) BT_WS(2) BT_WS(3) BT_WS(4) BT_WS(5) BT_WS(6) BT_WS(7) BT_WS(8) }
+#undef BT_WS
+}
+static_assert(WS_MAX == 8, "weighted_sums_any has a case for every R up to WS_MAX");
 
 inline void weighted_sums(const WeightedSum* c, int R, long ld, int HS, int add) {
     int d = 0;
     for (; d + VW <= HS; d += VW)
-        weighted_sums_lanes<vfloat>(c, R, ld, d, add, vload, vfma, vbroadcast, vstore);
+        weighted_sums_any<vfloat>(c, R, ld, d, add, vload, vfma, vbroadcast, vstore);
 #if defined(__AVX512F__)
     for (; d + 8 <= HS; d += 8)            // a head of 8 on a 16-lane machine: AVX2's 8 lanes
-        weighted_sums_lanes<__m256>(c, R, ld, d, add, [](const float* p) { return _mm256_loadu_ps(p); },
-                                    [](__m256 a, __m256 b, __m256 x) { return _mm256_fmadd_ps(a, b, x); },
-                                    [](float x) { return _mm256_set1_ps(x); },
-                                    [](float* p, __m256 x) { _mm256_storeu_ps(p, x); });
+        weighted_sums_any<__m256>(c, R, ld, d, add, [](const float* p) { return _mm256_loadu_ps(p); },
+                                  [](__m256 a, __m256 b, __m256 x) { return _mm256_fmadd_ps(a, b, x); },
+                                  [](float x) { return _mm256_set1_ps(x); },
+                                  [](float* p, __m256 x) { _mm256_storeu_ps(p, x); });
 #endif
     for (; d < HS; d++)
-        weighted_sums_lanes<float>(c, R, ld, d, add, [](const float* p) { return *p; },
-                                   [](float a, float b, float x) { return fmaf(a, b, x); },
-                                   [](float x) { return x; }, [](float* p, float x) { *p = x; });
+        weighted_sums_any<float>(c, R, ld, d, add, [](const float* p) { return *p; },
+                                 [](float a, float b, float x) { return fmaf(a, b, x); },
+                                 [](float x) { return x; }, [](float* p, float x) { *p = x; });
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -588,16 +687,15 @@ inline void attention_forward(float* out, float* att, const float* q, const floa
     long ldr = (long)B * C;   // from one position's row to the next, within one (b, h)
     float scale = 1.0f / sqrtf((float)HS);
     // One chain per (b, h, query i), numbered n = (b*NH + h)*Tq + i. They go in groups of WS_MAX
-    // consecutive chains, which walk the keys together: the scores key by key (a decoding step's
-    // group is every head of one sequence or two, whose keys at j are one row in memory), then
-    // each chain's softmax, then the weighted sums side by side. A group may span heads and
-    // sequences, so a decoding step (Tq = 1) still fills a group from B*NH chains. Each score,
-    // sum and output is computed as for its chain alone: the grouping changes no bit.
+    // consecutive chains: each chain's scores (8 keys at a time) and softmax, then the weighted
+    // sums of the group side by side. A group may span heads and sequences, so a decoding step
+    // (Tq = 1) still fills a group from B*NH chains. Each score, sum and output is computed as for
+    // its chain alone: the grouping changes no bit.
     long n_chains = (long)B * NH * Tq, ng = (n_chains + WS_MAX - 1) / WS_MAX;
     parallel_for(ng, (long)Tq * B * NH * Tk * HS, [&](long g0, long g1) {
         for (long g = g0; g < g1; g++) {
             long n0 = g * WS_MAX;
-            int R = n_chains - n0 < WS_MAX ? (int)(n_chains - n0) : WS_MAX, m = Tk;
+            int R = n_chains - n0 < WS_MAX ? (int)(n_chains - n0) : WS_MAX;
             const float* qr[WS_MAX];   // chain r: its query (HS), its first key row (rows ldr apart),
             const float* kr[WS_MAX];   //   its attention row (ld) and how many keys it sees
             float* ar[WS_MAX];
@@ -607,17 +705,16 @@ inline void attention_forward(float* out, float* att, const float* q, const floa
                 long n = n0 + r, u = n / Tq;
                 int i = (int)(n % Tq), b = (int)(u / NH), h = (int)(u % NH);
                 nk[r] = causal ? q0 + i + 1 : Tk;
-                m = nk[r] < m ? nk[r] : m;
                 qr[r] = q + ((long)i * B + b) * C + h * HS;
                 kr[r] = k + (long)b * C + h * HS;
                 ar[r] = att + (((long)i * B + b) * NH + h) * ld;
                 sums[r] = {out + ((long)i * B + b) * C + h * HS, ar[r], v + (long)b * C + h * HS, nk[r]};
             }
-            // scores a_rj = q_r . k_rj / sqrt(HS): the keys every chain sees key by key, then each chain's own
-            for (int j = 0; j < m; j++)
-                for (int r = 0; r < R; r++) ar[r][j] = dot8(qr[r], kr[r] + j * ldr, HS) * scale;
-            for (int r = 0; r < R; r++)
-                for (int j = m; j < nk[r]; j++) ar[r][j] = dot8(qr[r], kr[r] + j * ldr, HS) * scale;
+            // scores a_rj = q_r . k_rj / sqrt(HS), 8 keys at a time
+            for (int r = 0; r < R; r++) {
+                dots8(ar[r], qr[r], kr[r], ldr, HS, nk[r]);
+                for (int j = 0; j < nk[r]; j++) ar[r][j] *= scale;
+            }
             // softmax of each chain (the exps VW at a time; the max and the sum run in j order)
             for (int r = 0; r < R; r++) {
                 float* a = ar[r];
@@ -649,26 +746,30 @@ inline void attention_backward(float* dq, float* dk, float* dv, const float* dou
     long ldr = (long)B * C;   // from one position's row to the next, within one (b, h)
     float scale = 1.0f / sqrtf((float)HS);
     parallel_for((long)B * NH, (long)Tq * B * NH * Tk * HS, [&](long u0, long u1) {
-        thread_local std::vector<float> da, ds, w;   // da (Tk), ds (Tq,Tk) of this (b,h), w (WS_MAX,2,Tq)
+        thread_local std::vector<float> ds, w;   // ds (Tq,Tk) of this (b,h), w (WS_MAX,2,Tq)
         if ((long)ds.size() < (long)Tq * Tk) ds.resize((long)Tq * Tk);
-        if ((int)da.size() < Tk) da.resize(Tk);
         if ((long)w.size() < 2L * WS_MAX * Tq) w.resize(2L * WS_MAX * Tq);
         WeightedSum sums[WS_MAX], sums_v[WS_MAX];
         for (long u = u0; u < u1; u++) {      // u = b*NH + h
             int b = (int)(u / NH), h = (int)(u % NH);
             long off = (long)b * C + h * HS;  // this (b,h)'s first row in q, k, v, dout
-            for (int i = 0; i < Tq; i++) {
-                int nk = causal ? q0 + i + 1 : Tk;
-                const float* a = att + (((long)i * B + b) * NH + h) * ld;
-                const float* go = dout + off + i * ldr;
-                float* dsi = ds.data() + (long)i * Tk;
-                // da_j = dout . v_j  and  sum_j a_j da_j, then ds_j
-                float adot = 0.0f;
-                for (int j = 0; j < nk; j++) {
-                    da[j] = dot8(go, v + off + j * ldr, HS);
-                    adot = fmaf(a[j], da[j], adot);
+            auto nk = [&](int i) { return causal ? q0 + i + 1 : Tk; };
+            auto arow = [&](int i) { return att + (((long)i * B + b) * NH + h) * ld; };
+            // da_ij = dout_i . v_j, into ds's rows
+            for (int i = 0; i < Tq; i++) dots8(ds.data() + (long)i * Tk, dout + off + i * ldr, v + off, ldr, HS, nk(i));
+            // adot_i = sum_j a_ij da_ij (in j order), WS_MAX queries' chains side by side; then
+            // ds_ij = a_ij (da_ij - adot_i) * scale in place
+            for (int i0 = 0; i0 < Tq; i0 += WS_MAX) {
+                int R = Tq - i0 < WS_MAX ? Tq - i0 : WS_MAX, m = nk(i0);
+                float adot[WS_MAX] = {};
+                for (int j = 0; j < m; j++)   // the keys the group's first query sees: all of them do
+                    for (int r = 0; r < R; r++) adot[r] = fmaf(arow(i0 + r)[j], ds[(long)(i0 + r) * Tk + j], adot[r]);
+                for (int r = 0; r < R; r++) {
+                    const float* a = arow(i0 + r);
+                    float* dsi = ds.data() + (long)(i0 + r) * Tk;
+                    for (int j = m; j < nk(i0 + r); j++) adot[r] = fmaf(a[j], dsi[j], adot[r]);
+                    for (int j = 0; j < nk(i0 + r); j++) dsi[j] = a[j] * (dsi[j] - adot[r]) * scale;
                 }
-                for (int j = 0; j < nk; j++) dsi[j] = a[j] * (da[j] - adot) * scale;
             }
             // dq_i += sum_j ds_ij k_j, WS_MAX queries side by side
             for (int i0 = 0; i0 < Tq; i0 += WS_MAX) {
@@ -714,7 +815,7 @@ inline void swiglu_forward_naive(float* out, const float* h1, const float* h3, l
     }
 }
 inline void swiglu_forward(float* out, const float* h1, const float* h3, long N) {
-    parallel_for(N, N, [&](long i0, long i1) {
+    parallel_for(N, N * ELEM_WORK, [&](long i0, long i1) {
         long i = i0;
         for (; i + VW <= i1; i += VW) {
             vfloat x = vload(h1 + i);
@@ -735,7 +836,7 @@ inline void swiglu_backward_naive(float* dh1, float* dh3, const float* dout, con
     }
 }
 inline void swiglu_backward(float* dh1, float* dh3, const float* dout, const float* h1, const float* h3, long N) {
-    parallel_for(N, N, [&](long i0, long i1) {
+    parallel_for(N, N * ELEM_WORK, [&](long i0, long i1) {
         long i = i0;
         vfloat one = vbroadcast(1.0f);
         for (; i + VW <= i1; i += VW) {
@@ -751,13 +852,13 @@ inline void swiglu_backward(float* dh1, float* dh3, const float* dout, const flo
 // ----------------------------------------------------------------------------------------------
 // Residual add: out = a + b   (N)
 inline void residual_forward(float* out, const float* a, const float* b, long N) {
-    parallel_for(N, N, [&](long i0, long i1) {
+    parallel_for(N, N * ELEM_WORK, [&](long i0, long i1) {
         for (long i = i0; i < i1; i++) out[i] = a[i] + b[i];
     });
 }
 // forward did out = a + b, so da += dout and db += dout
 inline void residual_backward(float* da, float* db, const float* dout, long N) {
-    parallel_for(N, N, [&](long i0, long i1) {
+    parallel_for(N, N * ELEM_WORK, [&](long i0, long i1) {
         for (long i = i0; i < i1; i++) { da[i] += dout[i]; db[i] += dout[i]; }
     });
 }
@@ -768,7 +869,7 @@ inline void residual_backward(float* da, float* db, const float* dout, long N) {
 // probs, logits (N,V); loss, weight (N); target (N)
 inline void crossentropy_forward(float* loss, float* probs, const float* logits, const int* target,
                                  const float* weight, int N, int V) {
-    parallel_for(N, (long)N * V, [&](long n0, long n1) {
+    parallel_for(N, (long)N * V * ELEM_WORK, [&](long n0, long n1) {
         for (long n = n0; n < n1; n++) {
             const float* z = logits + n * V;
             float* p = probs + n * V;
@@ -787,7 +888,7 @@ inline void crossentropy_forward(float* loss, float* probs, const float* logits,
 // forward gave weight * -log softmax(z)[y], so dz[i] += weight * (p[i] - [i == y]) * dloss
 inline void crossentropy_backward(float* dlogits, const float* probs, const int* target, const float* weight,
                                   float dloss, int N, int V) {
-    parallel_for(N, (long)N * V, [&](long n0, long n1) {
+    parallel_for(N, (long)N * V * ELEM_WORK, [&](long n0, long n1) {
         for (long n = n0; n < n1; n++) {
             if (weight[n] == 0.0f) continue;
             float w = weight[n] * dloss;
@@ -803,7 +904,7 @@ inline void crossentropy_backward(float* dlogits, const float* probs, const int*
 inline void adamw_update(float* p, float* m, float* v, const float* g, long N, float lr, float b1, float b2,
                          float eps, float wd, int t) {
     float bc1 = 1.0f - powf(b1, (float)t), bc2 = 1.0f - powf(b2, (float)t);
-    parallel_for(N, N, [&](long i0, long i1) {
+    parallel_for(N, N * ELEM_WORK, [&](long i0, long i1) {
         for (long i = i0; i < i1; i++) {
             p[i] -= lr * wd * p[i];
             m[i] = b1 * m[i] + (1.0f - b1) * g[i];

@@ -274,11 +274,14 @@ static bool fd_check(const std::string& op, const std::function<double()>& loss,
 
 // every output of every path is the same fma chain over k from zero, so "equal" means every bit:
 // at this build's vector width (tensor.hpp's VW), for ragged edges, one row (decoding), with a
-// caller-made W^T, and at any thread count (PAR_MIN splits the large shapes across threads)
-TEST_CASE("the fast matmul (tiles, ragged edges, one row, a given W^T) equals the naive loop bit for bit") {
+// caller-made W^T, through packed strips (Bm of 32768 floats and up, 64 rows and up: the last three
+// shapes, ragged in every direction, in the forward and both backward products), and at any thread
+// count (PAR_MIN splits the large shapes across threads)
+TEST_CASE("the fast matmul (tiles, ragged edges, one row, a given W^T, packed) equals the naive loop bit for bit") {
     Rng r(12);
     const int shapes[][3] = {{1, 128, 384}, {1, 128, 48}, {3, 24, 40}, {5, 7, 3}, {37, 24, 40}, {64, 128, 48},
-                             {7, 33, 17}, {256, 128, 384}, {2, 40, 200}, {4, 16, 112}, {9, 128, 300}};
+                             {7, 33, 17}, {2, 40, 200}, {4, 16, 112}, {9, 128, 300},
+                             {256, 128, 384}, {100, 130, 300}, {70, 520, 72}};
     for (auto& sh : shapes) {
         int N = sh[0], IC = sh[1], OC = sh[2];
         auto x = randv(r, (long)N * IC), W = randv(r, (long)OC * IC), d = randv(r, (long)N * OC);
@@ -298,6 +301,33 @@ TEST_CASE("the fast matmul (tiles, ragged edges, one row, a given W^T) equals th
         CHECK(check_tensor("  backward dinp", dx1.data(), dx2.data(), dx1.size(), 0.0f));
         CHECK(check_tensor("  backward dW", dW1.data(), dW2.data(), dW1.size(), 0.0f));
     }
+}
+
+// attention's scores: dots8 (8 rows at once, their partial sums added by hadd) against dot8's
+// definition in plain scalars: 8 interleaved fma chains, added pairwise, then the tail's fmas. For
+// head sizes with and without a tail and row counts around multiples of 8 (a short last group).
+TEST_CASE("dots8 equals dot8's order of sums, bit for bit") {
+    Rng r(9);
+    long bad = 0, n_dots = 0;
+    for (int n : {32, 8, 12, 5, 64, 3})
+        for (int count : {1, 7, 8, 9, 16, 23, 46}) {
+            long ld = 2L * n + 3;
+            auto x = randv(r, n), y = randv(r, count * ld);
+            std::vector<float> got(count, NAN);
+            dots8(got.data(), x.data(), y.data(), ld, n, count);
+            for (int j = 0; j < count; j++, n_dots++) {
+                const float* yj = y.data() + j * ld;
+                float p[8] = {};
+                int i = 0;
+                for (; i + 8 <= n; i += 8)
+                    for (int u = 0; u < 8; u++) p[u] = fmaf(x[i + u], yj[i + u], p[u]);
+                float want = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
+                for (; i < n; i++) want = fmaf(x[i], yj[i], want);
+                float one = dot8(x.data(), yj, n);
+                bad += memcmp(&want, &got[j], 4) != 0 || memcmp(&want, &one, 4) != 0;
+            }
+        }
+    CHECK_MESSAGE(bad == 0, bad, " of ", n_dots, " dots differ from dot8's order");
 }
 
 // expf_fixed (tensor.hpp) is bt's own exp, the same on every machine: within 1 ulp of libm's expf
@@ -355,12 +385,13 @@ TEST_CASE("vector exp, softmax exps and SwiGLU equal their scalar loops bit for 
 
 // attention's weighted sums run up to WS_MAX chains side by side (tensor.hpp, weighted_sums); each
 // must be its own fma chain in order, as if alone: against a plain fmaf loop, for ragged lengths
-// (a common run, then each chain's own steps), head sizes of 8 (a half vector on AVX-512), 16, 32, 13
+// (a common run, then each chain's own steps), head sizes of 8 (a half vector on AVX-512), 16, 32, 13,
+// and every group size (each is its own unrolled copy)
 TEST_CASE("weighted sums side by side equal one plain fma chain each, bit for bit") {
     Rng r(8);
     long bad = 0;
     for (int HS : {8, 16, 32, 13})
-        for (int R : {1, 3, WS_MAX})
+        for (int R = 1; R <= WS_MAX; R++)
             for (int add : {0, 1}) {
                 long ld = 3L * HS + 1;
                 int T = 21;
