@@ -761,14 +761,15 @@ inline void attention_backward(float* dq, float* dk, float* dv, const float* dou
             // ds_ij = a_ij (da_ij - adot_i) * scale in place
             for (int i0 = 0; i0 < Tq; i0 += WS_MAX) {
                 int R = Tq - i0 < WS_MAX ? Tq - i0 : WS_MAX, m = nk(i0);
+                const float* a[WS_MAX];   // query i0 + r: its attention row and its row of ds
+                float* dsr[WS_MAX];
                 float adot[WS_MAX] = {};
+                for (int r = 0; r < R; r++) a[r] = arow(i0 + r), dsr[r] = ds.data() + (long)(i0 + r) * Tk;
                 for (int j = 0; j < m; j++)   // the keys the group's first query sees: all of them do
-                    for (int r = 0; r < R; r++) adot[r] = fmaf(arow(i0 + r)[j], ds[(long)(i0 + r) * Tk + j], adot[r]);
+                    for (int r = 0; r < R; r++) adot[r] = fmaf(a[r][j], dsr[r][j], adot[r]);
                 for (int r = 0; r < R; r++) {
-                    const float* a = arow(i0 + r);
-                    float* dsi = ds.data() + (long)(i0 + r) * Tk;
-                    for (int j = m; j < nk(i0 + r); j++) adot[r] = fmaf(a[j], dsi[j], adot[r]);
-                    for (int j = 0; j < nk(i0 + r); j++) dsi[j] = a[j] * (dsi[j] - adot[r]) * scale;
+                    for (int j = m; j < nk(i0 + r); j++) adot[r] = fmaf(a[r][j], dsr[r][j], adot[r]);
+                    for (int j = 0; j < nk(i0 + r); j++) dsr[r][j] = a[r][j] * (dsr[r][j] - adot[r]) * scale;
                 }
             }
             // dq_i += sum_j ds_ij k_j, WS_MAX queries side by side
