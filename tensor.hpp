@@ -344,12 +344,15 @@ static const int MM_TR = 6;
 inline int tile_vectors(int mr) { return mr == 1 ? 8 : mr == 2 ? 6 : mr == 3 ? 4 : mr == 4 ? 3 : 2; }
 
 // one tile: rows i < mr, vectors h < nv. always_inline and called with literal mr and nv, so each
-// call unrolls into straight-line register code.
+// call unrolls into straight-line register code. The sums start from 0, or, when init is not
+// nullptr, from the partial sums a previous call over earlier k stored there (rows ldi apart):
+// a chain of fmas stopped and picked up again gives the same bits as one run through.
 __attribute__((always_inline)) inline void gemm_tile(float* C, int ldc, const float* A, long ars, long aks,
-                                                     const float* Bm, int ldb, int K, int add, int mr, int nv) {
+                                                     const float* Bm, int ldb, int K, int add, int mr, int nv,
+                                                     const float* init, int ldi) {
     vfloat acc[MM_TR][8];
     for (int i = 0; i < mr; i++)
-        for (int h = 0; h < nv; h++) acc[i][h] = vzero();
+        for (int h = 0; h < nv; h++) acc[i][h] = init ? vload(init + (long)i * ldi + h * VW) : vzero();
     for (int k = 0; k < K; k++) {
         vfloat b[8];
         for (int h = 0; h < nv; h++) b[h] = vload(Bm + (long)k * ldb + h * VW);
@@ -367,8 +370,8 @@ __attribute__((always_inline)) inline void gemm_tile(float* C, int ldc, const fl
 
 // the tile shapes in use: for mr rows, tile_vectors(mr) vectors, or 4, 2, 1 for what is left
 inline void gemm_tile_any(float* C, int ldc, const float* A, long ars, long aks, const float* Bm, int ldb, int K,
-                          int add, int mr, int nv) {
-#define BT_TILE(R, V) case R * 16 + V: gemm_tile(C, ldc, A, ars, aks, Bm, ldb, K, add, R, V); break;
+                          int add, int mr, int nv, const float* init = nullptr, int ldi = 0) {
+#define BT_TILE(R, V) case R * 16 + V: gemm_tile(C, ldc, A, ars, aks, Bm, ldb, K, add, R, V, init, ldi); break;
     switch (mr * 16 + nv) {
         BT_TILE(1, 8) BT_TILE(1, 4) BT_TILE(1, 2) BT_TILE(1, 1)
         BT_TILE(2, 6) BT_TILE(2, 4) BT_TILE(2, 2) BT_TILE(2, 1)
@@ -417,44 +420,74 @@ inline void gemm_unpacked(float* C, const float* A, long ars, long aks, const fl
 
 // ---- packing Bm. A tile reads, for each k, its vectors of Bm's row k: rows Nc floats apart, so
 // a large Bm (the weight gradient's, K = every row of the batch) costs a cache line and soon a
-// page per k. Copied into strips, each K rows of 2 vectors one after another, it is read in
-// order. Each thread copies the column block it works on (PACK_STRIPS strips) into its own
-// panel, so no thread waits on another; a copy changes no value, so neither do the sums.
+// page per k. Copied into strips, each KC rows of 2 vectors one after another, it is read in
+// order. K is cut into blocks of at most PACK_KC rows, so that a strip stays in L1 and a panel in
+// L2 while every row tile of the block runs against it; between blocks each tile's partial sums
+// wait in a scratch (acc) and carry on from there. Each thread copies the column block it works
+// on into its own panel, so no thread waits on another; a copy changes no value, and a paused
+// chain of fmas no sum, so the result has the bits of one pass over k.
 static const int PACK_STRIPS = 4;          // strips of 2*VW columns per column block
+static const int PACK_KC = 256;            // most rows of Bm in one panel: a strip of 16 KB at 16 lanes
 static const int PACK_MIN_ROWS = 64;       // rows of A enough to pay for copying Bm
 static const long PACK_MIN_FLOATS = 32768; // a Bm from 128 KB up: smaller ones stay in cache as they are
 
-// panel (nstrips, K, 2*VW): strip s holds columns j0 + s*2*VW .. +2*VW of Bm's K rows
-inline void gemm_pack(float* panel, const float* Bm, int Nc, int K, int j0, int nstrips) {
+// panel (nstrips, kn, 2*VW): strip s holds columns j0 + s*2*VW .. +2*VW of Bm's rows k0 .. k0+kn
+inline void gemm_pack(float* panel, const float* Bm, int Nc, int k0, int kn, int j0, int nstrips) {
     int SW = 2 * VW;
     for (int s = 0; s < nstrips; s++)
-        for (int k = 0; k < K; k++)
-            memcpy(panel + ((long)s * K + k) * SW, Bm + (long)k * Nc + j0 + s * SW, SW * sizeof(float));
+        for (int k = 0; k < kn; k++)
+            memcpy(panel + ((long)s * kn + k) * SW, Bm + (long)(k0 + k) * Nc + j0 + s * SW, SW * sizeof(float));
+}
+
+// rows [m0, m1) of C's column block [j0, j1) against packed strips, k block by k block; the
+// columns past the last whole strip come from Bm in place, over all of K (a 1-vector tile, then
+// scalar ones). acc (m1-m0, ns*SW) holds the strips' partial sums between k blocks.
+inline void gemm_packed_block(float* C, const float* A, long ars, long aks, const float* Bm, int K, int Nc,
+                              int add, int m0, int m1, int j0, int j1, float* panel, float* acc) {
+    int SW = 2 * VW, ns = (j1 - j0) / SW, lda = ns * SW;
+    int nkb = (K + PACK_KC - 1) / PACK_KC, kc = (K + nkb - 1) / nkb;   // k blocks of even size
+    for (int k0 = 0; k0 < K; k0 += kc) {
+        int kn = K - k0 < kc ? K - k0 : kc, first = k0 == 0, last = k0 + kn == K;
+        gemm_pack(panel, Bm, Nc, k0, kn, j0, ns);
+        for (int m = m0; m < m1; m += MM_TR) {
+            int mr = m1 - m < MM_TR ? m1 - m : MM_TR;
+            const float* a = A + m * ars + k0 * aks;
+            float* acc_m = acc + (long)(m - m0) * lda;
+            for (int s = 0; s < ns; s++) {
+                const float* init = first ? nullptr : acc_m + s * SW;
+                float* out = last ? C + (long)m * Nc + j0 + s * SW : acc_m + s * SW;
+                gemm_tile_any(out, last ? Nc : lda, a, ars, aks, panel + (long)s * kn * SW, SW, kn,
+                              last ? add : 0, mr, 2, init, lda);
+            }
+        }
+    }
+    for (int m = m0; m < m1; m += MM_TR) {
+        int mr = m1 - m < MM_TR ? m1 - m : MM_TR, j = j0 + ns * SW;
+        for (; j + VW <= j1; j += VW)
+            gemm_tile_any(C + (long)m * Nc + j, Nc, A + m * ars, ars, aks, Bm + j, Nc, K, add, mr, 1);
+        if (j < j1) gemm_columns(C, Nc, A, ars, aks, Bm, Nc, K, add, m, m + mr, j, j1);
+    }
 }
 
 // C (M,Nc) (+)= A Bm through packed strips. Work units: a column block x MM_TR rows, column block
-// major, so a thread packs each block it meets once and then runs its row tiles against it;
-// columns past the last whole strip come from Bm in place (a 1-vector tile, then scalar ones).
+// major; a thread takes its units' rows of each column block it meets as one gemm_packed_block,
+// so it packs each panel once for all of them.
 inline void gemm_packed(float* C, const float* A, long ars, long aks, const float* Bm, int M, int K, int Nc,
                         int add) {
     int SW = 2 * VW, CB = PACK_STRIPS * SW;
     int ntr = (M + MM_TR - 1) / MM_TR, ncb = (Nc + CB - 1) / CB;
     parallel_for((long)ncb * ntr, (long)M * K * Nc, [&](long u0, long u1) {
-        thread_local std::vector<float> panel;   // (PACK_STRIPS, K, SW)
-        if (panel.size() < (size_t)K * CB) panel.resize((size_t)K * CB);
-        int packed = -1;                         // the column block in panel
-        for (long u = u0; u < u1; u++) {
+        thread_local std::vector<float> panel, acc;   // panel (PACK_STRIPS, kc, SW), acc (M, CB)
+        if (panel.size() < (size_t)PACK_KC * CB) panel.resize((size_t)PACK_KC * CB);
+        if (acc.size() < (size_t)M * CB) acc.resize((size_t)M * CB);
+        for (long u = u0; u < u1;) {
             int cb = (int)(u / ntr), ti = (int)(u % ntr);
-            int j0 = cb * CB, j1 = j0 + CB < Nc ? j0 + CB : Nc, ns = (j1 - j0) / SW;
-            if (cb != packed) gemm_pack(panel.data(), Bm, Nc, K, j0, ns), packed = cb;
-            int m0 = ti * MM_TR, mr = M - m0 < MM_TR ? M - m0 : MM_TR;
-            const float* a = A + m0 * ars;
-            float* c = C + (long)m0 * Nc;
-            for (int s = 0; s < ns; s++)
-                gemm_tile_any(c + j0 + s * SW, Nc, a, ars, aks, panel.data() + (long)s * K * SW, SW, K, add, mr, 2);
-            int j = j0 + ns * SW;
-            for (; j + VW <= j1; j += VW) gemm_tile_any(c + j, Nc, a, ars, aks, Bm + j, Nc, K, add, mr, 1);
-            if (j < j1) gemm_columns(C, Nc, A, ars, aks, Bm, Nc, K, add, m0, m0 + mr, j, j1);
+            long u_end = (long)(cb + 1) * ntr < u1 ? (long)(cb + 1) * ntr : u1;   // this block's units
+            int m0 = ti * MM_TR, m1 = (int)(u_end - (long)cb * ntr) * MM_TR;
+            int j0 = cb * CB, j1 = j0 + CB < Nc ? j0 + CB : Nc;
+            gemm_packed_block(C, A, ars, aks, Bm, K, Nc, add, m0, m1 < M ? m1 : M, j0, j1, panel.data(),
+                              acc.data());
+            u = u_end;
         }
     });
 }
