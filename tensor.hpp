@@ -165,39 +165,42 @@ inline float sigmoid_fixed(float x) { return 1.0f / (1.0f + expf_fixed(-x)); }
 // ---- vectors of VW floats: load, store, broadcast, add, and a fused multiply-add (a*b + c,
 // rounded once). AVX-512 (16 lanes) or AVX2 with FMA (8 lanes) when the target has them; the
 // plain fallback is 8 floats with fmaf per lane, the same numbers, slowly.
+// Each is one instruction or a few: always inlined, since GCC's size limits otherwise leave calls
+// to them in the largest loops (attention's backward), a call per vector.
+#define VEC_INLINE __attribute__((always_inline)) inline
 #if defined(__AVX512F__)
 static const int VW = 16;
 static const char* const SIMD_NAME = "AVX-512 (16 lanes), FMA";
 typedef __m512 vfloat;
-inline vfloat vload(const float* p) { return _mm512_loadu_ps(p); }
-inline void vstore(float* p, vfloat x) { _mm512_storeu_ps(p, x); }
-inline vfloat vbroadcast(float x) { return _mm512_set1_ps(x); }
-inline vfloat vzero() { return _mm512_setzero_ps(); }
-inline vfloat vadd(vfloat a, vfloat b) { return _mm512_add_ps(a, b); }
-inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_ps(a, b, c); }
-inline vfloat vsub(vfloat a, vfloat b) { return _mm512_sub_ps(a, b); }
-inline vfloat vmul(vfloat a, vfloat b) { return _mm512_mul_ps(a, b); }
-inline vfloat vdiv(vfloat a, vfloat b) { return _mm512_div_ps(a, b); }
-inline vfloat vneg(vfloat a) {   // flips the sign bit, as -x does (0 - x would turn -0 into +0)
+VEC_INLINE vfloat vload(const float* p) { return _mm512_loadu_ps(p); }
+VEC_INLINE void vstore(float* p, vfloat x) { _mm512_storeu_ps(p, x); }
+VEC_INLINE vfloat vbroadcast(float x) { return _mm512_set1_ps(x); }
+VEC_INLINE vfloat vzero() { return _mm512_setzero_ps(); }
+VEC_INLINE vfloat vadd(vfloat a, vfloat b) { return _mm512_add_ps(a, b); }
+VEC_INLINE vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_ps(a, b, c); }
+VEC_INLINE vfloat vsub(vfloat a, vfloat b) { return _mm512_sub_ps(a, b); }
+VEC_INLINE vfloat vmul(vfloat a, vfloat b) { return _mm512_mul_ps(a, b); }
+VEC_INLINE vfloat vdiv(vfloat a, vfloat b) { return _mm512_div_ps(a, b); }
+VEC_INLINE vfloat vneg(vfloat a) {   // flips the sign bit, as -x does (0 - x would turn -0 into +0)
     return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(a), _mm512_set1_epi32(INT32_MIN)));
 }
 // expf_fixed's steps that differ by machine (vexp below puts them together): its clamps of the
 // input, rintf (roundscale to nearest even, as rintf in the default rounding mode), times 2^n (an
 // integer add to the exponent bits), and its output for NaN and below -87. (The masked forms of
 // roundscale, cvtps and slli: GCC 12 warns on the unmasked ones.)
-inline vfloat vexp_clamp(vfloat x) {   // x < -87 ? -87 : x > 88 ? 88 : x == x ? x : 0
+VEC_INLINE vfloat vexp_clamp(vfloat x) {   // x < -87 ? -87 : x > 88 ? 88 : x == x ? x : 0
     vfloat xc = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_EQ_OQ), vzero(), x);
     xc = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, vbroadcast(88.0f), _CMP_GT_OQ), xc, vbroadcast(88.0f));
     return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, vbroadcast(-87.0f), _CMP_LT_OQ), xc, vbroadcast(-87.0f));
 }
-inline vfloat vrint(vfloat x) {
+VEC_INLINE vfloat vrint(vfloat x) {
     return _mm512_maskz_roundscale_ps(0xffff, x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
-inline vfloat vtimes_pow2(vfloat p, vfloat n) {
+VEC_INLINE vfloat vtimes_pow2(vfloat p, vfloat n) {
     __m512i shift = _mm512_maskz_slli_epi32(0xffff, _mm512_maskz_cvtps_epi32(0xffff, n), 23);   // n * 2^23
     return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p), shift));
 }
-inline vfloat vexp_special(vfloat x, vfloat p) {   // x < -87 ? 0 : x == x ? p : x
+VEC_INLINE vfloat vexp_special(vfloat x, vfloat p) {   // x < -87 ? 0 : x == x ? p : x
     p = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_EQ_OQ), x, p);
     return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, vbroadcast(-87.0f), _CMP_LT_OQ), p, vzero());
 }
@@ -205,28 +208,28 @@ inline vfloat vexp_special(vfloat x, vfloat p) {   // x < -87 ? 0 : x == x ? p :
 static const int VW = 8;
 static const char* const SIMD_NAME = "AVX2 (8 lanes), FMA";
 typedef __m256 vfloat;
-inline vfloat vload(const float* p) { return _mm256_loadu_ps(p); }
-inline void vstore(float* p, vfloat x) { _mm256_storeu_ps(p, x); }
-inline vfloat vbroadcast(float x) { return _mm256_set1_ps(x); }
-inline vfloat vzero() { return _mm256_setzero_ps(); }
-inline vfloat vadd(vfloat a, vfloat b) { return _mm256_add_ps(a, b); }
-inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm256_fmadd_ps(a, b, c); }
-inline vfloat vsub(vfloat a, vfloat b) { return _mm256_sub_ps(a, b); }
-inline vfloat vmul(vfloat a, vfloat b) { return _mm256_mul_ps(a, b); }
-inline vfloat vdiv(vfloat a, vfloat b) { return _mm256_div_ps(a, b); }
-inline vfloat vneg(vfloat a) { return _mm256_xor_ps(a, _mm256_set1_ps(-0.0f)); }
+VEC_INLINE vfloat vload(const float* p) { return _mm256_loadu_ps(p); }
+VEC_INLINE void vstore(float* p, vfloat x) { _mm256_storeu_ps(p, x); }
+VEC_INLINE vfloat vbroadcast(float x) { return _mm256_set1_ps(x); }
+VEC_INLINE vfloat vzero() { return _mm256_setzero_ps(); }
+VEC_INLINE vfloat vadd(vfloat a, vfloat b) { return _mm256_add_ps(a, b); }
+VEC_INLINE vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm256_fmadd_ps(a, b, c); }
+VEC_INLINE vfloat vsub(vfloat a, vfloat b) { return _mm256_sub_ps(a, b); }
+VEC_INLINE vfloat vmul(vfloat a, vfloat b) { return _mm256_mul_ps(a, b); }
+VEC_INLINE vfloat vdiv(vfloat a, vfloat b) { return _mm256_div_ps(a, b); }
+VEC_INLINE vfloat vneg(vfloat a) { return _mm256_xor_ps(a, _mm256_set1_ps(-0.0f)); }
 // as for AVX-512 above; blendv(a, b, mask) takes b where the mask is set
-inline vfloat vexp_clamp(vfloat x) {
+VEC_INLINE vfloat vexp_clamp(vfloat x) {
     vfloat xc = _mm256_blendv_ps(vzero(), x, _mm256_cmp_ps(x, x, _CMP_EQ_OQ));
     xc = _mm256_blendv_ps(xc, vbroadcast(88.0f), _mm256_cmp_ps(x, vbroadcast(88.0f), _CMP_GT_OQ));
     return _mm256_blendv_ps(xc, vbroadcast(-87.0f), _mm256_cmp_ps(x, vbroadcast(-87.0f), _CMP_LT_OQ));
 }
-inline vfloat vrint(vfloat x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-inline vfloat vtimes_pow2(vfloat p, vfloat n) {
+VEC_INLINE vfloat vrint(vfloat x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+VEC_INLINE vfloat vtimes_pow2(vfloat p, vfloat n) {
     __m256i shift = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);   // n * 2^23
     return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), shift));
 }
-inline vfloat vexp_special(vfloat x, vfloat p) {
+VEC_INLINE vfloat vexp_special(vfloat x, vfloat p) {
     p = _mm256_blendv_ps(x, p, _mm256_cmp_ps(x, x, _CMP_EQ_OQ));
     return _mm256_blendv_ps(p, vzero(), _mm256_cmp_ps(x, vbroadcast(-87.0f), _CMP_LT_OQ));
 }
@@ -673,8 +676,16 @@ inline void weighted_sums_lanes(const WeightedSum* c, long ld, int d, int add, L
         acc[r] = add ? load(c[r].out + d) : bcast(0.0f);
         m = c[r].n < m ? c[r].n : m;
     }
-    for (int t = 0; t < m; t++)            // the steps every chain has, all chains together
-        for (int r = 0; r < R; r++) acc[r] = fma(bcast(c[r].w[t]), load(c[r].rows + t * ld + d), acc[r]);
+    bool shared = true;                    // the same rows for every chain (one head's values)
+    for (int r = 1; r < R; r++) shared &= c[r].rows == c[0].rows;
+    if (shared)                            // the steps every chain has, all chains together:
+        for (int t = 0; t < m; t++) {      // then each row is loaded once for all of them
+            V row = load(c[0].rows + t * ld + d);
+            for (int r = 0; r < R; r++) acc[r] = fma(bcast(c[r].w[t]), row, acc[r]);
+        }
+    else
+        for (int t = 0; t < m; t++)
+            for (int r = 0; r < R; r++) acc[r] = fma(bcast(c[r].w[t]), load(c[r].rows + t * ld + d), acc[r]);
     for (int r = 0; r < R; r++) {          // then each chain's own last steps
         for (int t = m; t < c[r].n; t++) acc[r] = fma(bcast(c[r].w[t]), load(c[r].rows + t * ld + d), acc[r]);
         store(c[r].out + d, acc[r]);
@@ -692,7 +703,10 @@ static_assert(WS_MAX == 8, "weighted_sums_any has a case for every R up to WS_MA
 inline void weighted_sums(const WeightedSum* c, int R, long ld, int HS, int add) {
     int d = 0;
     for (; d + VW <= HS; d += VW)
-        weighted_sums_any<vfloat>(c, R, ld, d, add, vload, vfma, vbroadcast, vstore);
+        weighted_sums_any<vfloat>(c, R, ld, d, add, [](const float* p) { return vload(p); },   // lambdas, not
+                                  [](vfloat a, vfloat b, vfloat x) { return vfma(a, b, x); },  // function
+                                  [](float x) { return vbroadcast(x); },                       // pointers:
+                                  [](float* p, vfloat x) { vstore(p, x); });                   // inlined
 #if defined(__AVX512F__)
     for (; d + 8 <= HS; d += 8)            // a head of 8 on a 16-lane machine: AVX2's 8 lanes
         weighted_sums_any<__m256>(c, R, ld, d, add, [](const float* p) { return _mm256_loadu_ps(p); },
