@@ -339,12 +339,19 @@ inline void matmul_backward_naive(float* dinp, float* dW, const float* dout, con
 
 // ---- the fast path: all three products are one kernel, C (M,Nc) (+)= A (M,K) Bm (K,Nc), where
 // Bm is row-major and A is read through two strides, A(i,k) = A[i*ars + k*aks], so that dout^T
-// is a view, not a copy. A register tile holds mr rows x nv vectors of C, at most 12 accumulators
-// (AVX2 has 16 registers); for each k: nv vectors of Bm's row k, each times every A(i,k).
-// Each accumulator is a chain of fmas that waits on itself, so a tile needs several of them:
-// 6 rows x 2 vectors for the bulk, and wider tiles for few rows (one row, decoding: 8 vectors).
+// is a view, not a copy. A register tile holds mr rows x nv vectors of C; for each k: nv vectors
+// of Bm's row k, each times every A(i,k). Each accumulator is a chain of fmas that waits on
+// itself, so a tile needs several of them: the more, the fewer loads per fma. AVX-512 has 32
+// registers: up to 24 accumulators, 12 rows x 2 vectors for the bulk; AVX2 (and the plain loops)
+// 16: up to 12, 6 rows x 2 vectors. Fewer rows get wider tiles (one row, decoding: 8 vectors).
+// The shape of a tile changes no sum: each output is one chain over k, whatever its neighbours.
+#if defined(__AVX512F__)
+static const int MM_TR = 12;
+inline int tile_vectors(int mr) { return mr <= 3 ? 8 : mr == 4 ? 6 : mr <= 6 ? 4 : mr <= 8 ? 3 : 2; }
+#else
 static const int MM_TR = 6;
 inline int tile_vectors(int mr) { return mr == 1 ? 8 : mr == 2 ? 6 : mr == 3 ? 4 : mr == 4 ? 3 : 2; }
+#endif
 
 // one tile: rows i < mr, vectors h < nv. always_inline and called with literal mr and nv, so each
 // call unrolls into straight-line register code. The sums start from 0, or, when init is not
@@ -376,12 +383,27 @@ inline void gemm_tile_any(float* C, int ldc, const float* A, long ars, long aks,
                           int add, int mr, int nv, const float* init = nullptr, int ldi = 0) {
 #define BT_TILE(R, V) case R * 16 + V: gemm_tile(C, ldc, A, ars, aks, Bm, ldb, K, add, R, V, init, ldi); break;
     switch (mr * 16 + nv) {
+#if defined(__AVX512F__)
+        BT_TILE(1, 8) BT_TILE(1, 4) BT_TILE(1, 2) BT_TILE(1, 1)
+        BT_TILE(2, 8) BT_TILE(2, 4) BT_TILE(2, 2) BT_TILE(2, 1)
+        BT_TILE(3, 8) BT_TILE(3, 4) BT_TILE(3, 2) BT_TILE(3, 1)
+        BT_TILE(4, 6) BT_TILE(4, 4) BT_TILE(4, 2) BT_TILE(4, 1)
+        BT_TILE(5, 4) BT_TILE(5, 2) BT_TILE(5, 1)
+        BT_TILE(6, 4) BT_TILE(6, 2) BT_TILE(6, 1)
+        BT_TILE(7, 3) BT_TILE(7, 2) BT_TILE(7, 1)
+        BT_TILE(8, 3) BT_TILE(8, 2) BT_TILE(8, 1)
+        BT_TILE(9, 2) BT_TILE(9, 1)
+        BT_TILE(10, 2) BT_TILE(10, 1)
+        BT_TILE(11, 2) BT_TILE(11, 1)
+        BT_TILE(12, 2) BT_TILE(12, 1)
+#else
         BT_TILE(1, 8) BT_TILE(1, 4) BT_TILE(1, 2) BT_TILE(1, 1)
         BT_TILE(2, 6) BT_TILE(2, 4) BT_TILE(2, 2) BT_TILE(2, 1)
         BT_TILE(3, 4) BT_TILE(3, 2) BT_TILE(3, 1)
         BT_TILE(4, 3) BT_TILE(4, 2) BT_TILE(4, 1)
         BT_TILE(5, 2) BT_TILE(5, 1)
         BT_TILE(6, 2) BT_TILE(6, 1)
+#endif
     }
 #undef BT_TILE
 }
@@ -432,7 +454,7 @@ inline void gemm_unpacked(float* C, const float* A, long ars, long aks, const fl
 static const int PACK_STRIPS = 4;          // strips of 2*VW columns per column block
 static const int PACK_KC = 256;            // most rows of Bm in one panel: a strip of 16 KB at 16 lanes
 static const int PACK_MIN_ROWS = 64;       // rows of A enough to pay for copying Bm
-static const long PACK_MIN_FLOATS = 32768; // a Bm from 128 KB up: smaller ones stay in cache as they are
+static const long PACK_MIN_FLOATS = 65536; // a Bm from 256 KB up: smaller ones stay in cache as they are
 
 // panel (nstrips, kn, 2*VW): strip s holds columns j0 + s*2*VW .. +2*VW of Bm's rows k0 .. k0+kn
 inline void gemm_pack(float* panel, const float* Bm, int Nc, int k0, int kn, int j0, int nstrips) {
@@ -497,8 +519,9 @@ inline void gemm_packed(float* C, const float* A, long ars, long aks, const floa
 
 // C (M,Nc) (+)= A Bm: packed when Bm is large and A has rows enough, else in place (a decoding
 // step's one row reads Bm once either way)
+inline bool gemm_packs(int M, int K, int Nc) { return M >= PACK_MIN_ROWS && (long)K * Nc >= PACK_MIN_FLOATS; }
 inline void gemm(float* C, const float* A, long ars, long aks, const float* Bm, int M, int K, int Nc, int add) {
-    if (M >= PACK_MIN_ROWS && (long)K * Nc >= PACK_MIN_FLOATS) gemm_packed(C, A, ars, aks, Bm, M, K, Nc, add);
+    if (gemm_packs(M, K, Nc)) gemm_packed(C, A, ars, aks, Bm, M, K, Nc, add);
     else gemm_unpacked(C, A, ars, aks, Bm, M, K, Nc, add);
 }
 

@@ -273,16 +273,18 @@ static bool fd_check(const std::string& op, const std::function<double()>& loss,
 }
 
 // every output of every path is the same fma chain over k from zero, so "equal" means every bit:
-// at this build's vector width (tensor.hpp's VW), for ragged edges, one row (decoding), with a
-// caller-made W^T, through packed strips (Bm of 32768 floats and up, 64 rows and up: the last four
-// shapes, ragged in every direction, in the forward and both backward products; K = 520 and, in
-// dW, K = 600 run in k blocks whose partial sums wait in a scratch), and at any thread count
-// (PAR_MIN splits the large shapes across threads)
+// at this build's vector width (tensor.hpp's VW) and tile height (MM_TR: 12 rows on AVX-512, 6
+// otherwise, so the row counts leave every remainder of both), for ragged edges, one row
+// (decoding), with a caller-made W^T, through packed strips (a Bm of PACK_MIN_FLOATS and up, 64
+// rows and up: the last five shapes, ragged in every direction, in the forward and both backward
+// products; K = 520 and, in dW, K = 1100 run in k blocks whose partial sums wait in a scratch),
+// and at any thread count (PAR_MIN splits the large shapes across threads)
 TEST_CASE("the fast matmul (tiles, ragged edges, one row, a given W^T, packed) equals the naive loop bit for bit") {
     Rng r(12);
     const int shapes[][3] = {{1, 128, 384}, {1, 128, 48}, {3, 24, 40}, {5, 7, 3}, {37, 24, 40}, {64, 128, 48},
-                             {7, 33, 17}, {2, 40, 200}, {4, 16, 112}, {9, 128, 300},
-                             {256, 128, 384}, {100, 130, 300}, {70, 520, 72}, {600, 64, 96}};
+                             {7, 33, 17}, {2, 40, 200}, {4, 16, 112}, {9, 128, 300}, {11, 24, 40}, {18, 40, 30},
+                             {256, 192, 384}, {100, 230, 300}, {70, 520, 130}, {1100, 70, 96}, {135, 600, 120}};
+    int packed = 0;   // products that take the packed path
     for (auto& sh : shapes) {
         int N = sh[0], IC = sh[1], OC = sh[2];
         auto x = randv(r, (long)N * IC), W = randv(r, (long)OC * IC), d = randv(r, (long)N * OC);
@@ -301,7 +303,9 @@ TEST_CASE("the fast matmul (tiles, ragged edges, one row, a given W^T, packed) e
         matmul_backward_naive(dx2.data(), dW2.data(), d.data(), x.data(), W.data(), N, IC, OC);
         CHECK(check_tensor("  backward dinp", dx1.data(), dx2.data(), dx1.size(), 0.0f));
         CHECK(check_tensor("  backward dW", dW1.data(), dW2.data(), dW1.size(), 0.0f));
+        packed += gemm_packs(N, IC, OC) + gemm_packs(N, OC, IC) + gemm_packs(OC, N, IC);
     }
+    CHECK(packed >= 10);
 }
 
 // attention's scores: dots8 (8 rows at once, their partial sums added by hadd) against dot8's
