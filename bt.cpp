@@ -567,7 +567,7 @@ struct RunState {
     int B = 0, T = 0;                  // capacity
     bool train = false;
     bool dev = false;                  // built for --device cuda: every buffer below is device memory
-    Arena mem;
+    std::vector<float> mem;
     std::vector<int> imem;
     DeviceMem dmem, dimem;             // --device cuda: mem and imem's buffers (and the undo log's entries)
     int *tokens, *targets;             // (T,B) input token, and the token it should predict
@@ -577,7 +577,7 @@ struct RunState {
     // tokens, ...); under --device cuda host copies, moved explicitly by to_device / to_host.
     int *h_tokens, *h_targets, *h_pos;       // (T,B), (T,B), (T*B)   in imem
     float *h_weight, *h_losses, *h_logits;   // (T,B), (T,B), (T,B,V) in hmem (device) or mem (CPU)
-    Arena hmem;
+    std::vector<float> hmem;
     std::vector<float*> xs;            // L+1 of (T,B,C): residual stream into each layer, out of the last
     std::vector<BlockActs> acts;       // L
     float *lnf, *rstdf;                // (T,B,C), (T,B)
@@ -670,7 +670,7 @@ static void run_state_build(RunState& S, const Config& c, int T, int B, bool tra
         S.undo_sel_host.reset(cap_sel ? new int[cap_sel] : nullptr);
         S.undo_u = S.undo_u_host.get();
         S.undo_sel = S.undo_sel_host.get();
-        S.mem.assign(count.off, 0.0f);
+        assign_zeros(S.mem, count.off, train);
         fbase = S.mem.data();
         ibase = S.imem.data();
     }

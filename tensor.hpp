@@ -19,8 +19,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <cstdlib>
-#include <new>
 #include <vector>
 #include <sys/mman.h>
 
@@ -48,29 +46,27 @@
 static const long PAR_MIN = 1 << 18;
 static const long ELEM_WORK = 8;
 
-// ---- the large buffers (a run's activations and their gradients): allocated in whole 2 MB pages and offered to the kernel as transparent huge pages. Attention reads one
-// position's row B*C floats apart (16 KB at batch 32), so with 4 KB pages every row is a TLB
-// miss; one 2 MB page holds 128 of them. Where the kernel declines, they are ordinary pages: the
-// advice changes speed only, never a value.
-template <class T> struct HugePageAlloc {
-    using value_type = T;
-    static const size_t PAGE = 2u << 20;
-    HugePageAlloc() = default;
-    template <class U> HugePageAlloc(const HugePageAlloc<U>&) {}
-    T* allocate(size_t n) {
-        size_t bytes = (n * sizeof(T) + PAGE - 1) / PAGE * PAGE;
-        void* p = aligned_alloc(PAGE, bytes);
-        if (!p) throw std::bad_alloc();
+// ---- a training run's activations and their gradients, offered to the kernel as transparent
+// huge pages before anything touches them. Attention reads one position's row B*C floats apart
+// (16 KB at batch 32), so with 4 KB pages every row is a TLB miss; one 2 MB page holds 128 of
+// them. The pages are paid for once (faulted and zeroed 2 MB at a time), so decoders, built often
+// and small per step, keep ordinary ones. Where the kernel declines, the advice changes nothing:
+// it changes speed only, never a value.
+inline void advise_huge_pages(void* p, size_t bytes) {
 #ifdef MADV_HUGEPAGE
-        madvise(p, bytes, MADV_HUGEPAGE);
+    uintptr_t a = ((uintptr_t)p + 4095) & ~(uintptr_t)4095, e = ((uintptr_t)p + bytes) & ~(uintptr_t)4095;
+    if (e > a) madvise((void*)a, e - a, MADV_HUGEPAGE);   // the whole 4 KB pages inside
 #endif
-        return (T*)p;
+}
+// v = n zeros; when huge, a new allocation advised as above
+inline void assign_zeros(std::vector<float>& v, size_t n, bool huge) {
+    if (huge && v.capacity() < n) {
+        std::vector<float>().swap(v);
+        v.reserve(n);
+        advise_huge_pages(v.data(), n * sizeof(float));
     }
-    void deallocate(T* p, size_t) { free(p); }
-    template <class U> bool operator==(const HugePageAlloc<U>&) const { return true; }
-    template <class U> bool operator!=(const HugePageAlloc<U>&) const { return false; }
-};
-typedef std::vector<float, HugePageAlloc<float>> Arena;
+    v.assign(n, 0.0f);
+}
 
 // body(i0, i1) over [0, n): one contiguous range per thread when `work` pays for the threads
 // (and we are not already inside a parallel region), else body(0, n) on the calling thread
