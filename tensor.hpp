@@ -443,8 +443,8 @@ inline void gemm_columns(float* C, int ldc, const float* A, long ars, long aks, 
 }
 
 // C (M,Nc) (+)= A Bm, Bm read in place. Work units: MM_TR rows x a block of up to 8 vectors of
-// columns (2 for one row), each cut into tiles; units are independent outputs, so they split
-// across threads.
+// columns (2 for one row); units are independent outputs, so they split across threads, and a
+// thread cuts its consecutive units of one row tile into tiles as one range of columns.
 // One row (a batch-1 decoding step) reads each float of Bm for one multiply-add: the step streams
 // the weights from memory, not from cache. Split by columns across threads, each core reads its
 // half, into its own cache, so a one-row product counts ROW_WORK per float of Bm against PAR_MIN
@@ -457,10 +457,13 @@ inline void gemm_unpacked(float* C, const float* A, long ars, long aks, const fl
     int ntr = (M + MM_TR - 1) / MM_TR, ncb = (Nc + CB - 1) / CB;
     long work = M == 1 ? (long)K * Nc * ROW_WORK : (long)M * K * Nc;
     parallel_for((long)ntr * ncb, work, [&](long u0, long u1) {
-        for (long u = u0; u < u1; u++) {
+        for (long u = u0; u < u1;) {   // a thread's units of one row tile: one range of columns
             int ti = (int)(u / ncb), cb = (int)(u % ncb);
+            long u_end = (long)(ti + 1) * ncb < u1 ? (long)(ti + 1) * ncb : u1;
             int m0 = ti * MM_TR, mr = M - m0 < MM_TR ? M - m0 : MM_TR;
-            int j = cb * CB, j1 = j + CB < Nc ? j + CB : Nc;
+            int j = cb * CB, j1 = (int)(u_end - (long)ti * ncb) * CB;
+            if (j1 > Nc) j1 = Nc;
+            u = u_end;
             const float* a = A + m0 * ars;
             int most = tile_vectors(mr);
             for (int left = (j1 - j) / VW; left > 0;) {   // whole vectors of columns
