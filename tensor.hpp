@@ -479,7 +479,7 @@ inline void gemm_unpacked(float* C, const float* A, long ars, long aks, const fl
 
 // ---- packing Bm. A tile reads, for each k, its vectors of Bm's row k: rows Nc floats apart, so
 // a large Bm (the weight gradient's, K = every row of the batch) costs a cache line and soon a
-// page per k. Copied into strips, each KC rows of 2 vectors one after another, it is read in
+// page per k. Copied into strips, a k block's rows of 2 vectors one after another, it is read in
 // order. K is cut into blocks of at most PACK_KC rows, so that a strip stays in L1 and a panel in
 // L2 while every row tile of the block runs against it; between blocks each tile's partial sums
 // wait in a scratch (acc) and carry on from there. Each thread copies the column block it works
