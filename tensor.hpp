@@ -733,16 +733,8 @@ inline void weighted_sums_lanes(const WeightedSum* c, long ld, int d, int add, L
         acc[r] = add ? load(c[r].out + d) : bcast(0.0f);
         m = c[r].n < m ? c[r].n : m;
     }
-    bool shared = true;                    // the same rows for every chain (one head's values)
-    for (int r = 1; r < R; r++) shared &= c[r].rows == c[0].rows;
-    if (shared)                            // the steps every chain has, all chains together:
-        for (int t = 0; t < m; t++) {      // then each row is loaded once for all of them
-            V row = load(c[0].rows + t * ld + d);
-            for (int r = 0; r < R; r++) acc[r] = fma(bcast(c[r].w[t]), row, acc[r]);
-        }
-    else
-        for (int t = 0; t < m; t++)
-            for (int r = 0; r < R; r++) acc[r] = fma(bcast(c[r].w[t]), load(c[r].rows + t * ld + d), acc[r]);
+    for (int t = 0; t < m; t++)            // the steps every chain has, all chains together
+        for (int r = 0; r < R; r++) acc[r] = fma(bcast(c[r].w[t]), load(c[r].rows + t * ld + d), acc[r]);
     for (int r = 0; r < R; r++) {          // then each chain's own last steps
         for (int t = m; t < c[r].n; t++) acc[r] = fma(bcast(c[r].w[t]), load(c[r].rows + t * ld + d), acc[r]);
         store(c[r].out + d, acc[r]);
