@@ -770,6 +770,42 @@ inline void weighted_sums(const WeightedSum* c, int R, long ld, int HS, int add)
 }
 
 // ----------------------------------------------------------------------------------------------
+// Rows of one (b, h) lie B*C floats apart: 16 KB at batch 32, C = 128, so every key row of a
+// head falls in the same few sets of the L1 cache, which holds 8 of them (a power-of-two stride
+// aliases), and a query's scores and sums miss it on every key. A query group of one (b, h) works
+// on copies of its keys and values made contiguous first (gather_rows): Tk*HS copies against
+// Tq*Tk*HS multiply-adds, so from WS_MAX queries up. A copy changes no value.
+// out (n,d) = rows of in, ld apart: out[t,:] = in[t*ld, 0..d)
+inline void gather_rows(float* out, const float* in, long ld, int n, int d) {
+    for (int t = 0; t < n; t++) memcpy(out + (long)t * d, in + t * ld, d * sizeof(float));
+}
+
+// R chains of attention, side by side: chain r's query qr[r] (HS) against its nk[r] keys from
+// kr[r] (rows ld apart): scores a = q.k / sqrt(HS) into ar[r] (8 keys at a time), their softmax
+// (the exps VW at a time; the max and the sum in key order), zeros for the masked keys up to Tk,
+// then the weighted sums of its values into sums[r].out. Each chain's bits are its own alone.
+inline void attention_chains(int R, const float* const* qr, const float* const* kr, float* const* ar,
+                             const int* nk, const WeightedSum* sums, long ld, int Tk, int HS) {
+    float scale = 1.0f / sqrtf((float)HS);
+    for (int r = 0; r < R; r++) {
+        dots8(ar[r], qr[r], kr[r], ld, HS, nk[r]);
+        for (int j = 0; j < nk[r]; j++) ar[r][j] *= scale;
+    }
+    for (int r = 0; r < R; r++) {
+        float* a = ar[r];
+        float mx = -INFINITY;
+        for (int j = 0; j < nk[r]; j++)
+            if (a[j] > mx) mx = a[j];
+        exp_shifted(a, a, nk[r], mx);
+        float sum = 0.0f;
+        for (int j = 0; j < nk[r]; j++) sum += a[j];
+        for (int j = 0; j < nk[r]; j++) a[j] /= sum;
+        for (int j = nk[r]; j < Tk; j++) a[j] = 0.0f;   // masked keys; columns past Tk are not written
+    }
+    weighted_sums(sums, R, ld, HS, 0);   // out_i = sum_j a_ij v_j
+}
+
+// ----------------------------------------------------------------------------------------------
 // Multi-head attention over a set of keys (the KV cache, or the processor's own tokens).
 // Time-major rows: query i of example b is row i*B + b; key j of example b is row j*B + b.
 // Query i sits at absolute position q0 + i. If causal, it sees keys j <= q0 + i, else all Tk keys.
@@ -781,50 +817,47 @@ inline void attention_forward(float* out, float* att, const float* q, const floa
                               int Tq, int Tk, int ld, int q0, int causal, int B, int NH, int HS) {
     int C = NH * HS;
     long ldr = (long)B * C;   // from one position's row to the next, within one (b, h)
-    float scale = 1.0f / sqrtf((float)HS);
-    // One chain per (b, h, query i), numbered n = (b*NH + h)*Tq + i. They go in groups of WS_MAX
-    // consecutive chains: each chain's scores (8 keys at a time) and softmax, then the weighted
-    // sums of the group side by side. A group may span heads and sequences, so a decoding step
-    // (Tq = 1) still fills a group from B*NH chains. Each score, sum and output is computed as for
-    // its chain alone: the grouping changes no bit.
-    long n_chains = (long)B * NH * Tq, ng = (n_chains + WS_MAX - 1) / WS_MAX;
-    parallel_for(ng, (long)Tq * B * NH * Tk * HS, [&](long g0, long g1) {
-        for (long g = g0; g < g1; g++) {
-            long n0 = g * WS_MAX;
-            int R = n_chains - n0 < WS_MAX ? (int)(n_chains - n0) : WS_MAX;
-            const float* qr[WS_MAX];   // chain r: its query (HS), its first key row (rows ldr apart),
-            const float* kr[WS_MAX];   //   its attention row (ld) and how many keys it sees
-            float* ar[WS_MAX];
-            int nk[WS_MAX];
-            WeightedSum sums[WS_MAX];
-            for (int r = 0; r < R; r++) {
-                long n = n0 + r, u = n / Tq;
-                int i = (int)(n % Tq), b = (int)(u / NH), h = (int)(u % NH);
-                nk[r] = causal ? q0 + i + 1 : Tk;
-                qr[r] = q + ((long)i * B + b) * C + h * HS;
-                kr[r] = k + (long)b * C + h * HS;
-                ar[r] = att + (((long)i * B + b) * NH + h) * ld;
-                sums[r] = {out + ((long)i * B + b) * C + h * HS, ar[r], v + (long)b * C + h * HS, nk[r]};
+    // One chain per (b, h, query i), numbered n = (b*NH + h)*Tq + i, in groups of WS_MAX.
+    // From WS_MAX queries up, a thread takes whole (b, h)s, each against contiguous copies of its
+    // keys and values. Fewer queries (a decoding step, Tq = 1) read each key once: groups of WS_MAX
+    // consecutive chains then span heads and sequences, in place. The grouping changes no bit.
+    long n_chains = (long)B * NH * Tq;
+    int by_head = Tq >= WS_MAX;
+    long units = by_head ? (long)B * NH : (n_chains + WS_MAX - 1) / WS_MAX;
+    parallel_for(units, (long)Tq * B * NH * Tk * HS, [&](long u0, long u1) {
+        thread_local std::vector<float> kv;   // (2,Tk,HS): one (b, h)'s keys, then its values
+        if (by_head && kv.size() < 2 * (size_t)Tk * HS) kv.resize(2 * (size_t)Tk * HS);
+        const float* qr[WS_MAX];   // chain r: its query (HS), its first key row, its attention row
+        const float* kr[WS_MAX];   //   (ld) and how many keys it sees; its weighted sum
+        float* ar[WS_MAX];
+        int nk[WS_MAX];
+        WeightedSum sums[WS_MAX];
+        auto chain = [&](int r, long n, const float* keys, const float* vals) {
+            long bh = n / Tq;
+            int i = (int)(n % Tq), b = (int)(bh / NH), h = (int)(bh % NH);
+            nk[r] = causal ? q0 + i + 1 : Tk;
+            qr[r] = q + ((long)i * B + b) * C + h * HS;
+            kr[r] = keys ? keys : k + (long)b * C + h * HS;
+            ar[r] = att + (((long)i * B + b) * NH + h) * ld;
+            sums[r] = {out + ((long)i * B + b) * C + h * HS, ar[r], vals ? vals : v + (long)b * C + h * HS, nk[r]};
+        };
+        for (long u = u0; u < u1; u++) {
+            if (by_head) {   // u = b*NH + h: its queries WS_MAX at a time, against the copies
+                long b = u / NH, h = u % NH;
+                float *kc = kv.data(), *vc = kc + (long)Tk * HS;
+                gather_rows(kc, k + b * C + h * HS, ldr, Tk, HS);
+                gather_rows(vc, v + b * C + h * HS, ldr, Tk, HS);
+                for (int i0 = 0; i0 < Tq; i0 += WS_MAX) {
+                    int R = Tq - i0 < WS_MAX ? Tq - i0 : WS_MAX;
+                    for (int r = 0; r < R; r++) chain(r, u * Tq + i0 + r, kc, vc);
+                    attention_chains(R, qr, kr, ar, nk, sums, HS, Tk, HS);
+                }
+            } else {         // u = a group of WS_MAX consecutive chains, in place
+                long n0 = u * WS_MAX;
+                int R = n_chains - n0 < WS_MAX ? (int)(n_chains - n0) : WS_MAX;
+                for (int r = 0; r < R; r++) chain(r, n0 + r, nullptr, nullptr);
+                attention_chains(R, qr, kr, ar, nk, sums, ldr, Tk, HS);
             }
-            // scores a_rj = q_r . k_rj / sqrt(HS), 8 keys at a time
-            for (int r = 0; r < R; r++) {
-                dots8(ar[r], qr[r], kr[r], ldr, HS, nk[r]);
-                for (int j = 0; j < nk[r]; j++) ar[r][j] *= scale;
-            }
-            // softmax of each chain (the exps VW at a time; the max and the sum run in j order)
-            for (int r = 0; r < R; r++) {
-                float* a = ar[r];
-                float mx = -INFINITY;
-                for (int j = 0; j < nk[r]; j++)
-                    if (a[j] > mx) mx = a[j];
-                exp_shifted(a, a, nk[r], mx);
-                float sum = 0.0f;
-                for (int j = 0; j < nk[r]; j++) sum += a[j];
-                for (int j = 0; j < nk[r]; j++) a[j] /= sum;
-                for (int j = nk[r]; j < Tk; j++) a[j] = 0.0f;   // masked keys; columns past Tk are not written
-            }
-            // out_i = sum_j a_ij v_j: v rows of one (b, h) are B*C apart
-            weighted_sums(sums, R, ldr, HS, 0);
         }
     });
 }
@@ -832,9 +865,11 @@ inline void attention_forward(float* out, float* att, const float* q, const floa
 // forward did out = sum_j a_j v_j with a = softmax(s), s_j = q.k_j * scale, so per (i,b,h):
 //   da_j = dout . v_j ;  ds_j = a_j (da_j - sum_j' a_j' da_j')
 //   dq += scale * sum_j ds_j k_j ;  dk_j += scale * ds_j q ;  dv_j += a_j dout
-// dk and dv of one (b,h) collect from every query, so threads split over (b,h) only. Each dq_i is
-// summed over keys j in order; then each dk_j and dv_j over the queries i that saw key j, in
-// order, in registers (the same sum as adding query by query, without a store per term).
+// dk and dv of one (b,h) collect from every query, so threads split over (b,h) only. Each (b,h)
+// reads its q, k, v, dout rows and attention rows many times over, so it copies them first
+// into contiguous scratch (gather_rows; see attention_forward). Each dq_i is summed over keys j
+// in order; then each dk_j and dv_j over the queries i that saw key j, in order, in registers
+// (the same sum as adding query by query, without a store per term).
 inline void attention_backward(float* dq, float* dk, float* dv, const float* dout, const float* att,
                                const float* q, const float* k, const float* v,
                                int Tq, int Tk, int ld, int q0, int causal, int B, int NH, int HS) {
@@ -842,17 +877,26 @@ inline void attention_backward(float* dq, float* dk, float* dv, const float* dou
     long ldr = (long)B * C;   // from one position's row to the next, within one (b, h)
     float scale = 1.0f / sqrtf((float)HS);
     parallel_for((long)B * NH, (long)Tq * B * NH * Tk * HS, [&](long u0, long u1) {
-        thread_local std::vector<float> ds, w;   // ds (Tq,Tk) of this (b,h), w (WS_MAX,2,Tq)
-        if ((long)ds.size() < (long)Tq * Tk) ds.resize((long)Tq * Tk);
-        if ((long)w.size() < 2L * WS_MAX * Tq) w.resize(2L * WS_MAX * Tq);
+        // this (b,h)'s copies: qc, dc (Tq,HS), kc, vc (Tk,HS), ac (Tq,Tk) its attention rows;
+        // ds (Tq,Tk); w (WS_MAX,2,Tq) the weights of WS_MAX keys' dk and dv sums
+        thread_local std::vector<float> mem;
+        long nq = (long)Tq * HS, nk_ = (long)Tk * HS, na = (long)Tq * Tk;
+        long need = 2 * nq + 2 * nk_ + 2 * na + 2L * WS_MAX * Tq;
+        if ((long)mem.size() < need) mem.resize(need);
+        float *qc = mem.data(), *dc = qc + nq, *kc = dc + nq, *vc = kc + nk_, *ac = vc + nk_, *ds = ac + na,
+              *w = ds + na;
         WeightedSum sums[WS_MAX], sums_v[WS_MAX];
         for (long u = u0; u < u1; u++) {      // u = b*NH + h
             int b = (int)(u / NH), h = (int)(u % NH);
             long off = (long)b * C + h * HS;  // this (b,h)'s first row in q, k, v, dout
+            gather_rows(qc, q + off, ldr, Tq, HS);
+            gather_rows(dc, dout + off, ldr, Tq, HS);
+            gather_rows(kc, k + off, ldr, Tk, HS);
+            gather_rows(vc, v + off, ldr, Tk, HS);
+            gather_rows(ac, att + ((long)b * NH + h) * ld, (long)B * NH * ld, Tq, Tk);
             auto nk = [&](int i) { return causal ? q0 + i + 1 : Tk; };
-            auto arow = [&](int i) { return att + (((long)i * B + b) * NH + h) * ld; };
             // da_ij = dout_i . v_j, into ds's rows
-            for (int i = 0; i < Tq; i++) dots8(ds.data() + (long)i * Tk, dout + off + i * ldr, v + off, ldr, HS, nk(i));
+            for (int i = 0; i < Tq; i++) dots8(ds + (long)i * Tk, dc + (long)i * HS, vc, HS, HS, nk(i));
             // adot_i = sum_j a_ij da_ij (in j order), WS_MAX queries' chains side by side; then
             // ds_ij = a_ij (da_ij - adot_i) * scale in place
             for (int i0 = 0; i0 < Tq; i0 += WS_MAX) {
@@ -860,7 +904,7 @@ inline void attention_backward(float* dq, float* dk, float* dv, const float* dou
                 const float* a[WS_MAX];   // query i0 + r: its attention row and its row of ds
                 float* dsr[WS_MAX];
                 float adot[WS_MAX] = {};
-                for (int r = 0; r < R; r++) a[r] = arow(i0 + r), dsr[r] = ds.data() + (long)(i0 + r) * Tk;
+                for (int r = 0; r < R; r++) a[r] = ac + (long)(i0 + r) * Tk, dsr[r] = ds + (long)(i0 + r) * Tk;
                 for (int j = 0; j < m; j++)   // the keys the group's first query sees: all of them do
                     for (int r = 0; r < R; r++) adot[r] = fmaf(a[r][j], dsr[r][j], adot[r]);
                 for (int r = 0; r < R; r++) {
@@ -872,9 +916,8 @@ inline void attention_backward(float* dq, float* dk, float* dv, const float* dou
             for (int i0 = 0; i0 < Tq; i0 += WS_MAX) {
                 int R = Tq - i0 < WS_MAX ? Tq - i0 : WS_MAX;
                 for (int r = 0; r < R; r++)
-                    sums[r] = {dq + off + (i0 + r) * ldr, ds.data() + (long)(i0 + r) * Tk, k + off,
-                               causal ? q0 + i0 + r + 1 : Tk};
-                weighted_sums(sums, R, ldr, HS, 1);
+                    sums[r] = {dq + off + (i0 + r) * ldr, ds + (long)(i0 + r) * Tk, kc, nk(i0 + r)};
+                weighted_sums(sums, R, HS, HS, 1);
             }
             // dk_j += sum_i ds_ij q_i and dv_j += sum_i a_ij dout_i over the queries i that saw key j
             // (i >= j - q0 when causal), WS_MAX keys side by side
@@ -883,19 +926,19 @@ inline void attention_backward(float* dq, float* dk, float* dv, const float* dou
                 for (int j = j0; j < Tk && j < j0 + WS_MAX; j++) {
                     int i0 = causal ? (j - q0 > 0 ? j - q0 : 0) : 0, n = Tq - i0;
                     if (n <= 0) continue;
-                    float* wk = w.data() + (long)R * 2 * Tq;
+                    float* wk = w + (long)R * 2 * Tq;
                     float* wv = wk + Tq;
                     for (int i = 0; i < n; i++) {
                         wk[i] = ds[(long)(i0 + i) * Tk + j];
-                        wv[i] = att[(((long)(i0 + i) * B + b) * NH + h) * ld + j];
+                        wv[i] = ac[(long)(i0 + i) * Tk + j];
                     }
-                    sums[R] = {dk + off + j * ldr, wk, q + off + i0 * ldr, n};
-                    sums_v[R] = {dv + off + j * ldr, wv, dout + off + i0 * ldr, n};
+                    sums[R] = {dk + off + j * ldr, wk, qc + (long)i0 * HS, n};
+                    sums_v[R] = {dv + off + j * ldr, wv, dc + (long)i0 * HS, n};
                     R++;
                 }
                 if (R == 0) continue;
-                weighted_sums(sums, R, ldr, HS, 1);
-                weighted_sums(sums_v, R, ldr, HS, 1);
+                weighted_sums(sums, R, HS, HS, 1);
+                weighted_sums(sums_v, R, HS, HS, 1);
             }
         }
     });

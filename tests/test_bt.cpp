@@ -418,16 +418,17 @@ TEST_CASE("weighted sums side by side equal one plain fma chain each, bit for bi
 
 
 // attention_forward groups its (sequence, head, query) chains WS_MAX at a time, across heads and
-// sequences: each must get the bits it gets alone, one sequence, one head and one query per call.
-// Causal over a cache and not, several queries or one (a decoding step: B*NH > WS_MAX chains),
-// ragged groups, head sizes with a scalar tail; the attention rows start as a sentinel, so the
-// masked entries (0) and the columns past Tk (left alone) are checked too.
+// sequences below WS_MAX queries, within one head against contiguous copies from WS_MAX up: each
+// must get the bits it gets alone, one sequence, one head and one query per call. Causal over a
+// cache and not, several queries or one (a decoding step: B*NH > WS_MAX chains), ragged groups,
+// head sizes with a scalar tail; the attention rows start as a sentinel, so the masked entries
+// (0) and the columns past Tk (left alone) are checked too.
 TEST_CASE("attention forward gives every query its bits alone, however the queries are grouped") {
     Rng r(9);
     long bad = 0;
     const float SENTINEL = 7.0f;
     for (int causal = 0; causal < 2; causal++)
-        for (int Tq : {1, 5})
+        for (int Tq : {1, 5, WS_MAX, WS_MAX + 3})
             for (int HS : {8, 12, 16, 32}) {
                 int B = 3, NH = 4, C = NH * HS, Tk = causal ? Tq + 4 : Tq + 2, q0 = causal ? 4 : 0, ld = Tk + 2;
                 auto q = randv(r, (long)Tq * B * C), k = randv(r, (long)Tk * B * C), v = randv(r, (long)Tk * B * C);
