@@ -599,8 +599,8 @@ struct RunState {
     std::unique_ptr<float[]> undo_u_host;     //   runs never fill the capacity)
     std::vector<int> bounds;           // segment starts of the current batch, then T (segment_bounds)
     int n_tok = 0;                     // positions filled so far (decoding)
-    const Weights* wt = nullptr;       // the backbone's matrices transposed, for the forward's matmuls
-                                       // (a Decoder's own copy); nullptr: each matmul transposes its W
+    const Weights* wt = nullptr;       // the model's matrices transposed, for the forward's matmuls
+                                       // (a Decoder's or a TrainRun's copy); nullptr: each matmul transposes its W
 };
 
 static void carve_run_state(Carver& cv, RunState& S, const Config& c, int T, int B, bool train) {
@@ -1283,15 +1283,24 @@ struct Decoder {
     Weights wt;
 };
 
-// wt_mem = every tensor of M at its own offset, each matrix (rows, cols) stored as (cols, rows)
+// wt_mem's copy of every tensor p of M for which pick(p), at p's own offset: a matrix (rows, cols)
+// stored as (cols, rows), anything else as it is. The threads take whole tensors.
+template <class Pick> static void transpose_into(const Model& M, std::vector<float>& wt_mem, Pick pick) {
+    parallel_for((long)M.table.size(), M.n_params, [&](long i0, long i1) {
+        for (long i = i0; i < i1; i++) {
+            const ParamInfo& p = M.table[i];
+            if (!pick(p)) continue;
+            const float* src = M.params.data() + p.offset;
+            float* dst = wt_mem.data() + p.offset;
+            if (p.shape.size() == 2) transpose(dst, src, p.shape[0], p.shape[1]);
+            else copy_floats(dst, src, p.numel);
+        }
+    });
+}
+// wt = every tensor of M transposed into wt_mem (n_params)
 static void transpose_weights(const Model& M, std::vector<float>& wt_mem, Weights& wt) {
     wt_mem.assign(M.n_params, 0.0f);
-    for (const ParamInfo& p : M.table) {
-        const float* src = M.params.data() + p.offset;
-        float* dst = wt_mem.data() + p.offset;
-        if (p.shape.size() == 2) transpose(dst, src, p.shape[0], p.shape[1]);
-        else copy_floats(dst, src, p.numel);
-    }
+    transpose_into(M, wt_mem, [](const ParamInfo&) { return true; });
     layout_params(M.cfg, &wt, wt_mem.data(), nullptr);
 }
 
@@ -1803,6 +1812,8 @@ struct TrainRun {
     OptConfig o;
     DataStream D;
     RunState S;
+    std::vector<float> wt_mem;                 // (n_params) M's matrices transposed (S.wt points here), for
+    Weights wt;                                //   the forward's matmuls; the trained ones after every step
     int B = 0, log_every = 50, save_every = 0;
     int step = 0;                              // steps completed
     std::vector<float> losses;                 // (step) the loss of every completed step
@@ -1951,6 +1962,10 @@ static void train_setup(TrainRun& R, const Args& given) {
     run_state_build(R.S, R.M.cfg, T, R.B, true);
     if (given.has("resume")) restore_run(R, state, a.str("out"));
     if (g_device) model_upload(R.M);   // --device cuda: weights, gradients and moments to the GPU
+    else {   // the forward passes read the matrices transposed: made once here, then after each step
+        transpose_weights(R.M, R.wt_mem, R.wt);
+        R.S.wt = &R.wt;
+    }
     if (R.quiet) return;
     print_train_header(a, R.M, R.mode, o, R.D, R.B, T, seed);
     if (given.has("resume")) printf("  resume   %s at step %d of %d\n", a.str("out").c_str(), R.step, o.steps);
@@ -1971,6 +1986,8 @@ static void train_steps(TrainRun& R, int until) {
         float loss = forward_sequence(M, R.S, Tb, R.mode);
         if (std::isfinite(loss)) backward_sequence(M, R.S, Tb, R.mode);
         float norm = std::isfinite(loss) ? optimizer_step(M, R.o, t, R.mode) : NAN;
+        if (R.S.wt && std::isfinite(norm))   // the matrices this step changed, transposed again
+            transpose_into(M, R.wt_mem, [&](const ParamInfo& p) { long off, n; return trainable_span(M, p, R.mode, &off, &n); });
         if (!std::isfinite(norm))
             INTERNAL("step %d: the %s is %g; stopping. The weights were not updated; %s keeps the last checkpoint "
                      "written%s", t + 1, std::isfinite(loss) ? "gradient norm" : "loss",

@@ -777,7 +777,13 @@ inline void weighted_sums(const WeightedSum* c, int R, long ld, int HS, int add)
 // Tq*Tk*HS multiply-adds, so from WS_MAX queries up. A copy changes no value.
 // out (n,d) = rows of in, ld apart: out[t,:] = in[t*ld, 0..d)
 inline void gather_rows(float* out, const float* in, long ld, int n, int d) {
-    for (int t = 0; t < n; t++) memcpy(out + (long)t * d, in + t * ld, d * sizeof(float));
+    for (int t = 0; t < n; t++) {   // a few vectors a row: inline, not a call to memcpy per row
+        const float* src = in + t * ld;
+        float* dst = out + (long)t * d;
+        int c = 0;
+        for (; c + VW <= d; c += VW) vstore(dst + c, vload(src + c));
+        for (; c < d; c++) dst[c] = src[c];
+    }
 }
 
 // R chains of attention, side by side: chain r's query qr[r] (HS) against its nk[r] keys from
