@@ -1612,12 +1612,13 @@ static Config config_from_meta(const std::map<std::string, std::string>& m, cons
     return c;
 }
 
-static void save_model(const Model& M, const std::string& path, std::map<std::string, std::string> extra = {}) {
+static void save_model(const Model& M, const std::string& path, std::map<std::string, std::string> extra = {},
+                       bool commit = true) {
     std::vector<OutTensor> ts;
     for (auto& p : M.table) ts.push_back({p.name, p.shape, M.params.data() + p.offset});
     auto meta = config_meta(M.cfg);
     for (auto& kv : extra) meta[kv.first] = kv.second;
-    write_safetensors(path, ts, meta);
+    write_safetensors(path, ts, meta, commit);
 }
 
 // Copy the tensors of f into M by name. Every backbone tensor must be there with the right shape;
@@ -1826,7 +1827,7 @@ struct TrainRun {
 
 static std::string state_path(const std::string& ckpt) { return ckpt + ".state.safetensors"; }
 
-// state first, then the checkpoint; each is written atomically (a temporary file, then rename)
+// the state and the checkpoint, each to a temporary file; then both renamed, state first
 static void save_run(TrainRun& R) {
     model_download(R.M);   // --device cuda: the weights and moments back to the host first
     const Model& M = R.M;
@@ -1840,8 +1841,10 @@ static void save_run(TrainRun& R) {
                                                {"adam_t", std::to_string(M.adam_t)},
                                                {"data_rng", std::to_string(R.D.rng.s)}};
     for (auto& kv : R.flags) meta["flag." + kv.first] = kv.second;
-    write_safetensors(state_path(R.out), ts, meta);
-    save_model(M, R.out, {{"task", R.task}, {"step", std::to_string(R.step)}});
+    write_safetensors(state_path(R.out), ts, meta, false);
+    save_model(M, R.out, {{"task", R.task}, {"step", std::to_string(R.step)}}, false);
+    commit_file(state_path(R.out));   // both written before either replaces its old file: a kill
+    commit_file(R.out);               //   leaves a pair that resumes, but between these two renames
 }
 
 static long meta_int(const SafeFile& f, const char* key, long lo, long hi, const std::string& path) {
@@ -1882,12 +1885,21 @@ static Args resume_args(const Args& given, SafeFile* state) {
 
 // Overwrite a freshly set-up run with the saved one: weights, moments, step, data position, losses.
 static void restore_run(TrainRun& R, const SafeFile& state, const std::string& ckpt) {
-    std::string sp = state_path(ckpt);
+    std::string sp = state_path(ckpt), tmp = ckpt + ".tmp";
     SafeFile f = read_safetensors(ckpt);
+    R.step = (int)meta_int(state, "step", 0, R.o.steps, sp);
+    if (meta_int(f, "step", 0, R.o.steps, ckpt) != R.step && std::filesystem::exists(tmp)) {
+        // killed between save_run's two renames: the state is the new one, the new checkpoint
+        // waits whole in its temporary file. Finish the save.
+        SafeFile t = read_safetensors(tmp);
+        if (meta_int(t, "step", 0, R.o.steps, tmp) == R.step) {
+            commit_file(ckpt);
+            f = std::move(t);
+        }
+    }
     if (config_meta(config_from_meta(f.meta, ckpt)) != config_meta(R.M.cfg))
         BAD_INPUT("%s: its config differs from the run saved in %s", ckpt.c_str(), sp.c_str());
     copy_tensors(R.M, f, ckpt, false);
-    R.step = (int)meta_int(state, "step", 0, R.o.steps, sp);
     if (meta_int(f, "step", 0, R.o.steps, ckpt) != R.step)
         BAD_INPUT("%s is from step %ld but its state file from step %d (interrupted between the two writes?): "
                   "cannot resume exactly", ckpt.c_str(), meta_int(f, "step", 0, R.o.steps, ckpt), R.step);

@@ -223,24 +223,33 @@ static void check_output_path(const std::string& path) {
 }
 
 // Written to path + ".tmp" and renamed, so a crash never leaves half a file; a failed write
-// removes the temporary file.
-static void write_file(const std::string& path, const std::string& text) {
+// removes the temporary file. With commit false the temporary file stays for commit_file (two
+// files that must change together are both written before either is renamed).
+static void commit_file(const std::string& path) {
+    std::string tmp = path + ".tmp";
+    if (rename(tmp.c_str(), path.c_str()) == 0) return;
+    remove(tmp.c_str());
+    INTERNAL("%s: write failed (cannot rename %s)", path.c_str(), tmp.c_str());
+}
+static void write_file(const std::string& path, const std::string& text, bool commit = true) {
     check_output_path(path);
     std::string tmp = path + ".tmp";
     FILE* f = fopen(tmp.c_str(), "wb");
     if (!f) BAD_INPUT("%s: cannot write (does the folder exist?)", tmp.c_str());
     bool ok = fwrite(text.data(), 1, text.size(), f) == text.size();
     ok = (fclose(f) == 0) && ok;
-    if (ok && rename(tmp.c_str(), path.c_str()) == 0) return;
-    remove(tmp.c_str());
-    INTERNAL("%s: write failed (disk full?)", path.c_str());
+    if (!ok) {
+        remove(tmp.c_str());
+        INTERNAL("%s: write failed (disk full?)", path.c_str());
+    }
+    if (commit) commit_file(path);
 }
 
 struct OutTensor { std::string name; std::vector<int> shape; const float* data; };
 
 // A safetensors file, written atomically by write_file.
 static void write_safetensors(const std::string& path, std::vector<OutTensor> ts,
-                              const std::map<std::string, std::string>& meta) {
+                              const std::map<std::string, std::string>& meta, bool commit = true) {
     std::sort(ts.begin(), ts.end(), [](const OutTensor& a, const OutTensor& b) { return a.name < b.name; });
     std::string h = "{\"__metadata__\":{";
     bool first = true;
@@ -268,5 +277,5 @@ static void write_safetensors(const std::string& path, std::vector<OutTensor> ts
         for (int d : t.shape) n *= d;
         bytes.append((const char*)t.data, sizeof(float) * n);
     }
-    write_file(path, bytes);
+    write_file(path, bytes, commit);
 }
