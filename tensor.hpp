@@ -591,16 +591,23 @@ inline void matmul_backward(float* dinp, float* dW, const float* dout, const flo
 
 // ----------------------------------------------------------------------------------------------
 // RMSNorm: rstd[n] = 1 / sqrt(mean_c inp[n,c]^2 + eps);  out[n,c] = inp[n,c] * rstd[n] * w[c]
-// out (N,C), rstd (N), inp (N,C), w (C)
+// out (N,C), rstd (N), inp (N,C), w (C). Each row's sum is one fma chain over c in order;
+// NORM_ROWS rows' chains run side by side (one chain alone waits on its last result every step).
+static const int NORM_ROWS = 8;
 inline void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* w, int N, int C, float eps) {
     parallel_for(N, (long)N * C * ELEM_WORK, [&](long n0, long n1) {
-        for (long n = n0; n < n1; n++) {
-            const float* x = inp + n * C;
-            float ss = 0.0f;
-            for (int c = 0; c < C; c++) ss = fmaf(x[c], x[c], ss);
-            float r = 1.0f / sqrtf(ss / C + eps);
-            rstd[n] = r;
-            for (int c = 0; c < C; c++) out[n * C + c] = x[c] * r * w[c];
+        for (long g = n0; g < n1; g += NORM_ROWS) {
+            int R = n1 - g < NORM_ROWS ? (int)(n1 - g) : NORM_ROWS;
+            float ss[NORM_ROWS] = {};
+            for (int c = 0; c < C; c++)
+                for (int r = 0; r < R; r++) ss[r] = fmaf(inp[(g + r) * C + c], inp[(g + r) * C + c], ss[r]);
+            for (int r = 0; r < R; r++) {
+                long n = g + r;
+                const float* x = inp + n * C;
+                float rs = 1.0f / sqrtf(ss[r] / C + eps);
+                rstd[n] = rs;
+                for (int c = 0; c < C; c++) out[n * C + c] = x[c] * rs * w[c];
+            }
         }
     });
 }
@@ -611,13 +618,20 @@ inline void rmsnorm_forward(float* out, float* rstd, const float* inp, const flo
 inline void rmsnorm_backward(float* dinp, float* dw, const float* dout, const float* inp, const float* w,
                              const float* rstd, int N, int C) {
     parallel_for(N, (long)N * C * ELEM_WORK, [&](long n0, long n1) {
-        for (long n = n0; n < n1; n++) {
-            const float* x = inp + n * C;
-            const float* go = dout + n * C;
-            float r = rstd[n], dot = 0.0f;
-            for (int c = 0; c < C; c++) dot = fmaf(go[c] * w[c], x[c], dot);
-            float* dx = dinp + n * C;
-            for (int c = 0; c < C; c++) dx[c] += r * go[c] * w[c] - x[c] * r * r * r * dot / C;
+        for (long g = n0; g < n1; g += NORM_ROWS) {   // NORM_ROWS rows' dots side by side, as in the forward
+            int R = n1 - g < NORM_ROWS ? (int)(n1 - g) : NORM_ROWS;
+            float dot[NORM_ROWS] = {};
+            for (int c = 0; c < C; c++)
+                for (int r = 0; r < R; r++)
+                    dot[r] = fmaf(dout[(g + r) * C + c] * w[c], inp[(g + r) * C + c], dot[r]);
+            for (int r = 0; r < R; r++) {
+                long n = g + r;
+                const float* x = inp + n * C;
+                const float* go = dout + n * C;
+                float rs = rstd[n];
+                float* dx = dinp + n * C;
+                for (int c = 0; c < C; c++) dx[c] += rs * go[c] * w[c] - x[c] * rs * rs * rs * dot[r] / C;
+            }
         }
     });
     if (!dw) return;
