@@ -204,6 +204,9 @@ VEC_INLINE vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_ps(a,
 VEC_INLINE vfloat vsub(vfloat a, vfloat b) { return _mm512_sub_ps(a, b); }
 VEC_INLINE vfloat vmul(vfloat a, vfloat b) { return _mm512_mul_ps(a, b); }
 VEC_INLINE vfloat vdiv(vfloat a, vfloat b) { return _mm512_div_ps(a, b); }
+VEC_INLINE vfloat vsqrt(vfloat a) {   // IEEE: sqrtf's bits (masked form: g++ 12 warns on _mm512_sqrt_ps)
+    return _mm512_mask_sqrt_ps(a, (__mmask16)0xFFFF, a);
+}
 VEC_INLINE vfloat vneg(vfloat a) {   // flips the sign bit, as -x does (0 - x would turn -0 into +0)
     return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(a), _mm512_set1_epi32(INT32_MIN)));
 }
@@ -240,6 +243,7 @@ VEC_INLINE vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm256_fmadd_ps(a,
 VEC_INLINE vfloat vsub(vfloat a, vfloat b) { return _mm256_sub_ps(a, b); }
 VEC_INLINE vfloat vmul(vfloat a, vfloat b) { return _mm256_mul_ps(a, b); }
 VEC_INLINE vfloat vdiv(vfloat a, vfloat b) { return _mm256_div_ps(a, b); }
+VEC_INLINE vfloat vsqrt(vfloat a) { return _mm256_sqrt_ps(a); }
 VEC_INLINE vfloat vneg(vfloat a) { return _mm256_xor_ps(a, _mm256_set1_ps(-0.0f)); }
 // as for AVX-512 above; blendv(a, b, mask) takes b where the mask is set
 VEC_INLINE vfloat vexp_clamp(vfloat x) {
@@ -269,6 +273,7 @@ inline vfloat vfma(vfloat a, vfloat b, vfloat c) { for (int u = 0; u < 8; u++) c
 inline vfloat vsub(vfloat a, vfloat b) { for (int u = 0; u < 8; u++) a.x[u] -= b.x[u]; return a; }
 inline vfloat vmul(vfloat a, vfloat b) { for (int u = 0; u < 8; u++) a.x[u] *= b.x[u]; return a; }
 inline vfloat vdiv(vfloat a, vfloat b) { for (int u = 0; u < 8; u++) a.x[u] /= b.x[u]; return a; }
+inline vfloat vsqrt(vfloat a) { for (float& x : a.x) x = sqrtf(x); return a; }
 inline vfloat vneg(vfloat a) { for (int u = 0; u < 8; u++) a.x[u] = -a.x[u]; return a; }
 inline vfloat vexp_clamp(vfloat x) {
     for (float& v : x.x) v = v < -87.0f ? -87.0f : v > 88.0f ? 88.0f : v == v ? v : 0.0f;
@@ -1061,16 +1066,37 @@ inline void crossentropy_backward(float* dlogits, const float* probs, const int*
 // AdamW, as torch.optim.AdamW (decoupled weight decay, bias-corrected moments), step t >= 1:
 //   p -= lr * wd * p ;  m = b1 m + (1-b1) g ;  v = b2 v + (1-b2) g^2
 //   p -= lr * (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps)
+// adamw_update_naive is the reference, one element at a time over [i0, i1); adamw_update does VW
+// at a time with the same operations in the same order (IEEE division and square root: the
+// same bits; a test compares them)
+inline void adamw_update_naive(float* p, float* m, float* v, const float* g, long i0, long i1, float lr, float b1,
+                               float b2, float eps, float wd, float bc1, float bc2) {
+    for (long i = i0; i < i1; i++) {
+        p[i] -= lr * wd * p[i];
+        m[i] = b1 * m[i] + (1.0f - b1) * g[i];
+        v[i] = b2 * v[i] + (1.0f - b2) * g[i] * g[i];
+        float mh = m[i] / bc1, vh = v[i] / bc2;
+        p[i] -= lr * mh / (sqrtf(vh) + eps);
+    }
+}
 inline void adamw_update(float* p, float* m, float* v, const float* g, long N, float lr, float b1, float b2,
                          float eps, float wd, int t) {
     float bc1 = 1.0f - powf(b1, (float)t), bc2 = 1.0f - powf(b2, (float)t);
     parallel_for(N, N * ELEM_WORK, [&](long i0, long i1) {
-        for (long i = i0; i < i1; i++) {
-            p[i] -= lr * wd * p[i];
-            m[i] = b1 * m[i] + (1.0f - b1) * g[i];
-            v[i] = b2 * v[i] + (1.0f - b2) * g[i] * g[i];
-            float mh = m[i] / bc1, vh = v[i] / bc2;
-            p[i] -= lr * mh / (sqrtf(vh) + eps);
+        vfloat lrwd = vbroadcast(lr * wd), vb1 = vbroadcast(b1), vb2 = vbroadcast(b2), c1 = vbroadcast(1.0f - b1),
+               c2 = vbroadcast(1.0f - b2), vbc1 = vbroadcast(bc1), vbc2 = vbroadcast(bc2), vlr = vbroadcast(lr),
+               veps = vbroadcast(eps);
+        long i = i0;
+        for (; i + VW <= i1; i += VW) {
+            vfloat pi = vload(p + i), gi = vload(g + i);
+            pi = vsub(pi, vmul(lrwd, pi));
+            vfloat mi = vadd(vmul(vb1, vload(m + i)), vmul(c1, gi));
+            vfloat vi = vadd(vmul(vb2, vload(v + i)), vmul(vmul(c2, gi), gi));
+            vfloat mh = vdiv(mi, vbc1), vh = vdiv(vi, vbc2);
+            vstore(p + i, vsub(pi, vdiv(vmul(vlr, mh), vadd(vsqrt(vh), veps))));
+            vstore(m + i, mi);
+            vstore(v + i, vi);
         }
+        adamw_update_naive(p, m, v, g, i, i1, lr, b1, b2, eps, wd, bc1, bc2);
     });
 }

@@ -388,6 +388,29 @@ TEST_CASE("vector exp, softmax exps and SwiGLU equal their scalar loops bit for 
     CHECK_MESSAGE(bad_bwd == 0, bad_bwd, " SwiGLU gradients differ");
 }
 
+// adamw_update runs VW parameters at a time (and over threads): every weight and moment must have
+// the bits of adamw_update_naive's one-at-a-time loop, over steps, with and without weight decay,
+// and for an N with a tail shorter than a vector
+TEST_CASE("AdamW: the vector update has the plain loop's bits") {
+    Rng r(6);
+    for (float wd : {0.0f, 0.1f}) {
+        long N = 3 * 65536 + 7;   // enough to split over two threads
+        auto p = randv(r, N), m = randv(r, N), v = randv(r, N), g = randv(r, N);
+        for (float& x : v) x = fabsf(x);   // a second moment
+        auto pn = p, mn = m, vn = v;
+        long bad = 0;
+        for (int t = 1; t <= 3; t++) {
+            float lr = 3e-3f, b1 = 0.9f, b2 = 0.95f, eps = 1e-8f;
+            adamw_update(p.data(), m.data(), v.data(), g.data(), N, lr, b1, b2, eps, wd, t);
+            float bc1 = 1.0f - powf(b1, (float)t), bc2 = 1.0f - powf(b2, (float)t);
+            adamw_update_naive(pn.data(), mn.data(), vn.data(), g.data(), 0, N, lr, b1, b2, eps, wd, bc1, bc2);
+        }
+        for (long i = 0; i < N; i++)
+            bad += memcmp(&p[i], &pn[i], 4) != 0 || memcmp(&m[i], &mn[i], 4) != 0 || memcmp(&v[i], &vn[i], 4) != 0;
+        CHECK_MESSAGE(bad == 0, bad, " AdamW values differ from the plain loop's (wd ", wd, ")");
+    }
+}
+
 // attention's weighted sums run up to WS_MAX chains side by side (tensor.hpp, weighted_sums); each
 // must be its own fma chain in order, as if alone: against a plain fmaf loop, for ragged lengths
 // (a common run, then each chain's own steps), head sizes of 8 (a half vector on AVX-512), 16, 32, 13,
