@@ -600,7 +600,8 @@ struct RunState {
     std::vector<int> bounds;           // segment starts of the current batch, then T (segment_bounds)
     int n_tok = 0;                     // positions filled so far (decoding)
     const Weights* wt = nullptr;       // the model's matrices transposed, for the forward's matmuls
-                                       // (a Decoder's or a TrainRun's copy); nullptr: each matmul transposes its W
+                                       // (a Decoder's or a TrainRun's copy); nullptr: each matmul
+                                       // transposes its W
 };
 
 static void carve_run_state(Carver& cv, RunState& S, const Config& c, int T, int B, bool train) {
@@ -1999,7 +2000,10 @@ static void train_steps(TrainRun& R, int until) {
         if (std::isfinite(loss)) backward_sequence(M, R.S, Tb, R.mode);
         float norm = std::isfinite(loss) ? optimizer_step(M, R.o, t, R.mode) : NAN;
         if (R.S.wt && std::isfinite(norm))   // the matrices this step changed, transposed again
-            transpose_into(M, R.wt_mem, [&](const ParamInfo& p) { long off, n; return trainable_span(M, p, R.mode, &off, &n); });
+            transpose_into(M, R.wt_mem, [&](const ParamInfo& p) {
+                long off, n;   // (each thread its own)
+                return trainable_span(M, p, R.mode, &off, &n);
+            });
         if (!std::isfinite(norm))
             INTERNAL("step %d: the %s is %g; stopping. The weights were not updated; %s keeps the last checkpoint "
                      "written%s", t + 1, std::isfinite(loss) ? "gradient norm" : "loss",
