@@ -455,6 +455,11 @@ inline void gemm_columns(float* C, int ldc, const float* A, long ars, long aks, 
 // half, into its own cache, so a one-row product counts ROW_WORK per float of Bm against PAR_MIN
 // (the FFN's 128 x 384 goes to two threads, a 128 x 128 stays on one: measured, 8 beats 1 and 16)
 // and its column blocks are 2 vectors wide, so there are blocks enough to split.
+// A training step's A was written several ops before and has left the cache, and a row tile reads
+// its MM_TR rows as MM_TR streams of broadcasts, too many for the hardware to fetch ahead: so
+// each row tile asks for the next one's rows of A (into L2). At 1,280 x 128 -> 128 with A and C
+// cold, 137 -> 155 GFLOP/s on two threads; with them in cache, no change. Asking for C's lines
+// ahead too measured slower. A prefetch changes no value.
 static const long ROW_WORK = 8;
 inline void gemm_unpacked(float* C, const float* A, long ars, long aks, const float* Bm, int M, int K, int Nc,
                           int add) {
@@ -470,6 +475,9 @@ inline void gemm_unpacked(float* C, const float* A, long ars, long aks, const fl
             if (j1 > Nc) j1 = Nc;
             u = u_end;
             const float* a = A + m0 * ars;
+            if (aks == 1 && m0 + MM_TR < M)   // the next row tile's rows of A, into L2 while this one runs
+                for (int i = 0; i < MM_TR && m0 + MM_TR + i < M; i++)
+                    for (int k = 0; k < K; k += 16) __builtin_prefetch(A + (long)(m0 + MM_TR + i) * ars + k, 0, 2);
             int most = tile_vectors(mr);
             for (int left = (j1 - j) / VW; left > 0;) {   // whole vectors of columns
                 int nv = left >= most ? most : left >= 4 ? 4 : left >= 2 ? 2 : 1;
@@ -490,7 +498,10 @@ inline void gemm_unpacked(float* C, const float* A, long ars, long aks, const fl
 // wait in a scratch (acc) and carry on from there. Each thread copies the column block it works
 // on into its own panel, so no thread waits on another; a copy changes no value, and a paused
 // chain of fmas no sum, so the result has the bits of one pass over k.
-static const int PACK_STRIPS = 4;          // strips of 2*VW columns per column block
+// A column block of 2 strips, not 4: a weight gradient of 128 rows (11 row tiles of 12) then has
+// 2 blocks of 11 units for two threads, not 1 block split 6 and 5, and each thread packs half
+// the panel (dW at 128 x 1,280 x 128: 182 -> 194 GFLOP/s on two threads; other shapes the same).
+static const int PACK_STRIPS = 2;          // strips of 2*VW columns per column block
 static const int PACK_KC = 256;            // most rows of Bm in one panel: a strip of 16 KB at 16 lanes
 static const int PACK_MIN_ROWS = 64;       // rows of A enough to pay for copying Bm
 static const long PACK_MIN_FLOATS = 65536; // a Bm from 256 KB up: smaller ones stay in cache as they are
