@@ -1134,9 +1134,25 @@ static bool trainable_span(const Model& M, const ParamInfo& p, const TrainMode& 
     return p.proc || mode.train_backbone;
 }
 
-// acc + sum_i x[i]^2 in double, one running sum in index order (the gradient norm). x (n)
+// acc + sum_i x[i]^2 in double (the gradient norm). x (n). Eight running sums, x[i] into sum
+// i mod 8, each in index order, added as dot8 adds its sums, then the last n mod 8 in order. One
+// running sum waited on its last add at every element (1 ms a step, on one core, while the other
+// idled); eight are one AVX-512 register, or two AVX2 ones. (A float's square is exact in double,
+// so an fma would give the same bits.) The 8 sums are a GCC vector of 8 doubles, lane by lane
+// IEEE arithmetic on any target; a plain array of 8 was left scalar by g++.
 static double sum_squares(double acc, const float* x, long n) {
-    for (long i = 0; i < n; i++) acc += (double)x[i] * x[i];
+    typedef float float8 __attribute__((vector_size(32)));
+    typedef double double8 __attribute__((vector_size(64)));
+    double8 s = {};
+    long i = 0;
+    for (; i + 8 <= n; i += 8) {
+        float8 v;
+        memcpy(&v, x + i, sizeof v);
+        double8 d = __builtin_convertvector(v, double8);
+        s += d * d;
+    }
+    acc += ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+    for (; i < n; i++) acc += (double)x[i] * x[i];
     return acc;
 }
 // x[i] *= a  (gradient clipping). x (n)

@@ -411,6 +411,30 @@ TEST_CASE("AdamW: the vector update has the plain loop's bits") {
     }
 }
 
+// the gradient norm's sum of squares: 8 running sums in a vector of doubles (bt.cpp, sum_squares)
+// against its definition in plain scalars, bit for bit, for lengths around multiples of 8 and a
+// nonzero start; and against a long double sum, within the rounding bound of n adds
+TEST_CASE("sum_squares equals 8 plain running sums in double, bit for bit") {
+    Rng r(12);
+    long bad = 0;
+    for (long n : {0L, 1L, 7L, 8L, 9L, 63L, 1000L, 65537L}) {
+        auto x = randv(r, n);
+        double got = sum_squares(0.25, x.data(), n);
+        double s[8] = {}, want = 0.25;
+        long i = 0;
+        for (; i + 8 <= n; i += 8)
+            for (int u = 0; u < 8; u++) s[u] += (double)x[i + u] * (double)x[i + u];
+        want += ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+        for (; i < n; i++) want += (double)x[i] * (double)x[i];
+        bad += memcmp(&got, &want, sizeof got) != 0;
+        long double exact = 0.25L;
+        for (long j = 0; j < n; j++) exact += (long double)x[j] * x[j];
+        // positive terms: each of the n adds rounds by at most half an ulp of a partial sum <= exact
+        CHECK(std::fabs((double)(exact - got)) <= (double)(n + 1) * DBL_EPSILON * (double)exact);
+    }
+    CHECK_MESSAGE(bad == 0, bad, " sums of squares differ from 8 plain running sums");
+}
+
 // attention's weighted sums run up to WS_MAX chains side by side (tensor.hpp, weighted_sums); each
 // must be its own fma chain in order, as if alone: against a plain fmaf loop, for ragged lengths
 // (a common run, then each chain's own steps), head sizes of 8 (a half vector on AVX-512), 16, 32, 13,
