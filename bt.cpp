@@ -70,7 +70,9 @@
 static void zero(float* p, long n) {
     parallel_for(n, n * ELEM_WORK, [&](long i0, long i1) { memset(p + i0, 0, sizeof(float) * (i1 - i0)); });
 }
-static void copy_floats(float* dst, const float* src, long n) { memcpy(dst, src, sizeof(float) * n); }
+static void copy_floats(float* dst, const float* src, long n) {   // both threads from a training step's size up
+    parallel_for(n, n * ELEM_WORK, [&](long i0, long i1) { memcpy(dst + i0, src + i0, sizeof(float) * (i1 - i0)); });
+}
 static void copy_ints(int* dst, const int* src, long n) { memcpy(dst, src, sizeof(int) * n); }
 
 static double now_seconds() {
