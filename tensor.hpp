@@ -475,9 +475,8 @@ inline void gemm_unpacked(float* C, const float* A, long ars, long aks, const fl
             if (j1 > Nc) j1 = Nc;
             u = u_end;
             const float* a = A + m0 * ars;
-            if (aks == 1 && m0 + MM_TR < M)   // the next row tile's rows of A, into L2 while this one runs
-                for (int i = 0; i < MM_TR && m0 + MM_TR + i < M; i++)
-                    for (int k = 0; k < K; k += 16) __builtin_prefetch(A + (long)(m0 + MM_TR + i) * ars + k, 0, 2);
+            for (int i = 0; aks == 1 && i < MM_TR && m0 + MM_TR + i < M; i++)   // the next row tile's A, into L2
+                for (int k = 0; k < K; k += 16) __builtin_prefetch(A + (long)(m0 + MM_TR + i) * ars + k, 0, 2);
             int most = tile_vectors(mr);
             for (int left = (j1 - j) / VW; left > 0;) {   // whole vectors of columns
                 int nv = left >= most ? most : left >= 4 ? 4 : left >= 2 ? 2 : 1;
